@@ -1,0 +1,86 @@
+#include "cpu_isa.h"
+
+#include <atomic>
+#include <cstdlib>
+
+#include <c10/util/Exception.h>
+
+namespace fastdistil {
+namespace {
+
+bool supports(CpuIsa isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  switch (isa) {
+    case CpuIsa::Avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("fma");
+    case CpuIsa::Avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case CpuIsa::Scalar:
+      return true;
+  }
+  return false;
+#else
+  return isa == CpuIsa::Scalar;
+#endif
+}
+
+const char* name_of(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::Avx512:
+      return "avx512";
+    case CpuIsa::Avx2:
+      return "avx2";
+    case CpuIsa::Scalar:
+      return "scalar";
+  }
+  return "?";
+}
+
+CpuIsa best() {
+  for (CpuIsa isa : {CpuIsa::Avx512, CpuIsa::Avx2}) {
+    if (supports(isa)) return isa;
+  }
+  return CpuIsa::Scalar;
+}
+
+CpuIsa parse(const std::string& name) {
+  if (name == "auto") return best();
+  for (CpuIsa isa : {CpuIsa::Avx512, CpuIsa::Avx2, CpuIsa::Scalar}) {
+    if (name == name_of(isa)) {
+      TORCH_CHECK(supports(isa), "fastdistil: cpu isa '", name, "' is not supported by this CPU (supported: ",
+                  c10::Join(", ", supported_cpu_isas()), ")");
+      return isa;
+    }
+  }
+  TORCH_CHECK(false, "fastdistil: cpu isa must be one of 'auto', 'avx512', 'avx2', 'scalar', got '", name, "'");
+}
+
+CpuIsa initial() {
+  const char* env = std::getenv("FASTDISTIL_CPU_ISA");
+  return env && *env ? parse(env) : best();
+}
+
+std::atomic<int>& current() {
+  static std::atomic<int> isa{static_cast<int>(initial())};
+  return isa;
+}
+
+}  // namespace
+
+CpuIsa cpu_isa() { return static_cast<CpuIsa>(current().load()); }
+
+std::string cpu_isa_name() { return name_of(cpu_isa()); }
+
+void set_cpu_isa(const std::string& name) { current().store(static_cast<int>(parse(name))); }
+
+std::vector<std::string> supported_cpu_isas() {
+  std::vector<std::string> out;
+  for (CpuIsa isa : {CpuIsa::Avx512, CpuIsa::Avx2, CpuIsa::Scalar}) {
+    if (supports(isa)) out.emplace_back(name_of(isa));
+  }
+  return out;
+}
+
+}  // namespace fastdistil

@@ -1,0 +1,64 @@
+// The fastdistil operator library: every schema is defined here, once.
+//
+// triple_loss is the public contract. It is CompositeImplicitAutograd: it calls _triple_loss_forward, which
+// computes the loss terms and the gradient of the weighted loss in the same pass, and whose autograd formula
+// (registered from Python, fastdistil/triple_loss.py) only scales that gradient. Device kernels register
+// against _triple_loss_forward (CPU: triple_loss_cpu.cpp; CUDA: kernels/triple_loss.py through Triton).
+
+#include <torch/extension.h>
+
+#include "cpu_isa.h"
+
+namespace fastdistil {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triple_loss(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& labels,
+    const at::Tensor& student_hidden, const at::Tensor& teacher_hidden, const at::Tensor& attention_mask,
+    double temperature, double alpha_ce, double alpha_mlm, double alpha_cos, bool restrict_ce_to_mask) {
+  static auto forward = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("fastdistil::_triple_loss_forward", "")
+                            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, double, double, double, double, bool)>();
+  auto out = forward.call(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
+                          temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out)};
+}
+
+TORCH_LIBRARY(fastdistil, m) {
+  m.def(
+      "triple_loss(Tensor student_logits, Tensor teacher_logits, Tensor labels, Tensor student_hidden, "
+      "Tensor teacher_hidden, Tensor attention_mask, float temperature=2.0, float alpha_ce=5.0, "
+      "float alpha_mlm=2.0, float alpha_cos=1.0, bool restrict_ce_to_mask=False) "
+      "-> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos)");
+  // The same computation, also returning the gradient of `loss` with respect to student_logits and
+  // student_hidden (in their dtypes). What the device kernels implement.
+  m.def(
+      "_triple_loss_forward(Tensor student_logits, Tensor teacher_logits, Tensor labels, Tensor student_hidden, "
+      "Tensor teacher_hidden, Tensor attention_mask, float temperature, float alpha_ce, float alpha_mlm, "
+      "float alpha_cos, bool restrict_ce_to_mask) "
+      "-> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos, Tensor grad_student_logits, "
+      "Tensor grad_student_hidden)");
+  // Writes the gradient into caller-owned buffers: a training loop that reuses them every step does not pay
+  // for allocating and first-touching an [N, V] tensor each time. No autograd.
+  m.def(
+      "triple_loss_out(Tensor student_logits, Tensor teacher_logits, Tensor labels, Tensor student_hidden, "
+      "Tensor teacher_hidden, Tensor attention_mask, float temperature, float alpha_ce, float alpha_mlm, "
+      "float alpha_cos, bool restrict_ce_to_mask, *, Tensor(a!) grad_student_logits, "
+      "Tensor(b!) grad_student_hidden) -> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos)");
+}
+
+TORCH_LIBRARY_IMPL(fastdistil, CompositeImplicitAutograd, m) {
+  m.impl("triple_loss", &triple_loss);
+}
+
+}  // namespace fastdistil
+
+// A real Python module, so that `import fastdistil._C` loads this library and runs the registrations above.
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastdistil CPU kernels; the operators live in torch.ops.fastdistil";
+  m.def("cpu_isa", &fastdistil::cpu_isa_name, "Instruction set the CPU kernels dispatch to.");
+  m.def("set_cpu_isa", &fastdistil::set_cpu_isa,
+        "Force the CPU kernels onto 'avx512', 'avx2' or 'scalar' (for tests), or 'auto' for the best this CPU runs.");
+  m.def("supported_cpu_isas", &fastdistil::supported_cpu_isas, "Instruction sets this CPU can run.");
+}

@@ -1,0 +1,229 @@
+// CPU implementation of fastdistil::_triple_loss_forward and fastdistil::triple_loss_out.
+//
+// Rows are independent: at::parallel_for hands each thread a range of rows; every row writes its own gradient
+// row and its own loss partials, and the partials are summed in row order afterwards, so the result does not
+// depend on the number of threads. Rows that contribute nothing (padding without a label; non-target rows
+// under restrict_ce_to_mask) only get their gradient row zeroed.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "cpu_isa.h"
+
+namespace fastdistil {
+
+struct RowsArgs {
+  const void* student_logits;
+  const void* teacher_logits;
+  const int64_t* labels;
+  const void* student_hidden;
+  const void* teacher_hidden;
+  void* grad_logits;
+  void* grad_hidden;
+  const uint8_t* selected;  // KL row mask
+  const uint8_t* real;      // non-padding (cosine) row mask
+  int64_t V, D;
+  at::ScalarType logits_dtype, teacher_dtype, hidden_dtype, teacher_hidden_dtype;
+  float inv_temp, kl_coef, ce_coef, cos_coef;
+  int temp_pow;  // 1 or 2 when T is that integer, else 0
+  double* kl_rows;
+  double* ce_rows;
+  double* cos_rows;
+};
+
+// fp32 and the two 16-bit float types; the kernels compute in fp32 whatever they load.
+#define FASTDISTIL_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+// One function per ISA (`rows` in triple_loss_rows.h), instantiated from the same source below.
+using RowsFn = void (*)(const RowsArgs&, int64_t, int64_t);
+
+#if defined(__x86_64__) && defined(__GNUC__)
+namespace avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#include "triple_loss_rows.h"
+#pragma GCC pop_options
+}  // namespace avx512
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include "triple_loss_rows.h"
+#pragma GCC pop_options
+}  // namespace avx2
+#endif
+namespace scalar {
+#include "triple_loss_rows.h"
+}  // namespace scalar
+
+namespace {
+
+RowsFn rows_for(CpuIsa isa) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (isa == CpuIsa::Avx512) return &avx512::rows;
+  if (isa == CpuIsa::Avx2) return &avx2::rows;
+#endif
+  return &scalar::rows;
+}
+
+bool is_logit_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+// Every check runs before anything is written, so a bad call leaves the output buffers as they were.
+void check_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& labels, const at::Tensor& hs,
+                  const at::Tensor& ht, const at::Tensor& mask, double temperature, double alpha_ce,
+                  double alpha_mlm, double alpha_cos) {
+  const std::pair<const char*, const at::Tensor*> named[] = {{"teacher_logits", &t},  {"labels", &labels},
+                                                             {"student_hidden", &hs}, {"teacher_hidden", &ht},
+                                                             {"attention_mask", &mask}};
+  for (const auto& [name, tensor] : named) {
+    TORCH_CHECK(tensor->device() == s.device(), "triple_loss: ", name, " is on ", tensor->device(),
+                " but student_logits is on ", s.device(), "; expected all inputs on one device");
+  }
+  TORCH_CHECK(is_logit_dtype(s.scalar_type()), "triple_loss: student_logits must be float32, bfloat16 or float16, got ",
+              s.scalar_type());
+  TORCH_CHECK(is_logit_dtype(t.scalar_type()), "triple_loss: teacher_logits must be float32, bfloat16 or float16, got ",
+              t.scalar_type());
+  TORCH_CHECK(is_logit_dtype(hs.scalar_type()), "triple_loss: student_hidden must be float32, bfloat16 or float16, got ",
+              hs.scalar_type());
+  TORCH_CHECK(is_logit_dtype(ht.scalar_type()), "triple_loss: teacher_hidden must be float32, bfloat16 or float16, got ",
+              ht.scalar_type());
+  TORCH_CHECK(s.dim() >= 1 && s.size(-1) > 0, "triple_loss: student_logits must be [..., V] with V > 0, got shape ",
+              s.sizes());
+  TORCH_CHECK(t.sizes() == s.sizes(), "triple_loss: teacher_logits must have the shape of student_logits ", s.sizes(),
+              ", got ", t.sizes());
+  const auto lead = s.sizes().slice(0, s.dim() - 1);
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "triple_loss: labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK(labels.sizes() == lead, "triple_loss: labels must have shape ", lead, " (student_logits without V), got ",
+              labels.sizes());
+  TORCH_CHECK(mask.scalar_type() == at::kBool || at::isIntegralType(mask.scalar_type(), /*includeBool=*/false),
+              "triple_loss: attention_mask must be bool or integer, got ", mask.scalar_type());
+  TORCH_CHECK(mask.sizes() == lead, "triple_loss: attention_mask must have shape ", lead, ", got ", mask.sizes());
+  TORCH_CHECK(hs.dim() >= 1 && hs.size(-1) > 0 && hs.sizes().slice(0, hs.dim() - 1) == lead,
+              "triple_loss: student_hidden must have shape [", lead, ", D] with D > 0, got ", hs.sizes());
+  TORCH_CHECK(ht.sizes() == hs.sizes(), "triple_loss: teacher_hidden must have the shape of student_hidden ",
+              hs.sizes(), ", got ", ht.sizes());
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "triple_loss: temperature must be > 0, got ",
+              temperature);
+  const std::pair<const char*, double> alphas[] = {
+      {"alpha_ce", alpha_ce}, {"alpha_mlm", alpha_mlm}, {"alpha_cos", alpha_cos}};
+  for (const auto& [name, value] : alphas) {
+    TORCH_CHECK(std::isfinite(value) && value >= 0, "triple_loss: ", name, " must be >= 0, got ", value);
+  }
+}
+
+at::Tensor scalar_tensor(double v) { return at::scalar_tensor(v, at::TensorOptions().dtype(at::kFloat)); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triple_loss_out_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& labels,
+    const at::Tensor& student_hidden, const at::Tensor& teacher_hidden, const at::Tensor& attention_mask,
+    double temperature, double alpha_ce, double alpha_mlm, double alpha_cos, bool restrict_ce_to_mask,
+    at::Tensor& grad_student_logits, at::Tensor& grad_student_hidden) {
+  check_inputs(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask, temperature,
+               alpha_ce, alpha_mlm, alpha_cos);
+  TORCH_CHECK(grad_student_logits.sizes() == student_logits.sizes() &&
+                  grad_student_logits.scalar_type() == student_logits.scalar_type() &&
+                  grad_student_logits.is_contiguous() && grad_student_logits.device() == student_logits.device(),
+              "triple_loss_out: grad_student_logits must be a contiguous ", student_logits.scalar_type(),
+              " tensor of shape ", student_logits.sizes(), " on ", student_logits.device());
+  TORCH_CHECK(grad_student_hidden.sizes() == student_hidden.sizes() &&
+                  grad_student_hidden.scalar_type() == student_hidden.scalar_type() &&
+                  grad_student_hidden.is_contiguous() && grad_student_hidden.device() == student_hidden.device(),
+              "triple_loss_out: grad_student_hidden must be a contiguous ", student_hidden.scalar_type(),
+              " tensor of shape ", student_hidden.sizes(), " on ", student_hidden.device());
+  TORCH_CHECK(!grad_student_logits.is_same(student_logits) && !grad_student_logits.is_same(teacher_logits),
+              "triple_loss_out: grad_student_logits must not be one of the logit inputs");
+
+  const auto s = student_logits.contiguous();
+  const auto t = teacher_logits.contiguous();
+  const auto hs = student_hidden.contiguous();
+  const auto ht = teacher_hidden.contiguous();
+  const auto lab = labels.contiguous();
+  const auto real = attention_mask.ne(0).to(at::kByte).contiguous();
+  const int64_t V = s.size(-1), D = hs.size(-1), N = lab.numel();
+
+  // Row masks, normalizers and the label range check, before any write.
+  const int64_t* lab_p = lab.data_ptr<int64_t>();
+  const uint8_t* real_p = real.data_ptr<uint8_t>();
+  std::vector<uint8_t> selected(N);
+  int64_t n_selected = 0, n_labelled = 0, n_real = 0;
+  for (int64_t r = 0; r < N; ++r) {
+    const int64_t y = lab_p[r];
+    TORCH_CHECK(y == -100 || (y >= 0 && y < V), "triple_loss: labels must be in [0, ", V,
+                ") or -100 (not a target), got ", y, " at flat position ", r);
+    selected[r] = restrict_ce_to_mask ? (y != -100) : real_p[r];
+    n_selected += selected[r];
+    n_labelled += y != -100;
+    n_real += real_p[r];
+  }
+
+  std::vector<double> kl_rows(N, 0.0), ce_rows(N, 0.0), cos_rows(N, 0.0);
+  RowsArgs args;
+  args.student_logits = s.data_ptr();
+  args.teacher_logits = t.data_ptr();
+  args.labels = lab_p;
+  args.student_hidden = hs.data_ptr();
+  args.teacher_hidden = ht.data_ptr();
+  args.grad_logits = grad_student_logits.data_ptr();
+  args.grad_hidden = grad_student_hidden.data_ptr();
+  args.selected = selected.data();
+  args.real = real_p;
+  args.V = V;
+  args.D = D;
+  args.logits_dtype = s.scalar_type();
+  args.teacher_dtype = t.scalar_type();
+  args.hidden_dtype = hs.scalar_type();
+  args.teacher_hidden_dtype = ht.scalar_type();
+  args.inv_temp = static_cast<float>(1.0 / temperature);
+  args.kl_coef = n_selected ? static_cast<float>(alpha_ce * temperature / n_selected) : 0.f;
+  args.ce_coef = n_labelled ? static_cast<float>(alpha_mlm / n_labelled) : 0.f;
+  args.cos_coef = n_real ? static_cast<float>(alpha_cos / n_real) : 0.f;
+  args.temp_pow = temperature == 1.0 ? 1 : (temperature == 2.0 ? 2 : 0);
+  args.kl_rows = kl_rows.data();
+  args.ce_rows = ce_rows.data();
+  args.cos_rows = cos_rows.data();
+
+  const RowsFn rows = rows_for(cpu_isa());
+  // A row is ~30k elements: a grain of 4 rows keeps both cores busy down to small N.
+  at::parallel_for(0, N, 4, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
+
+  double kl = 0.0, ce = 0.0, cos = 0.0;
+  for (int64_t r = 0; r < N; ++r) {
+    kl += kl_rows[r];
+    ce += ce_rows[r];
+    cos += cos_rows[r];
+  }
+  const double loss_ce = n_selected ? kl * temperature * temperature / n_selected : 0.0;
+  const double loss_mlm = n_labelled ? ce / n_labelled : 0.0;
+  const double loss_cos = n_real ? cos / n_real : 0.0;
+  const double loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos;
+  return {scalar_tensor(loss), scalar_tensor(loss_ce), scalar_tensor(loss_mlm), scalar_tensor(loss_cos)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triple_loss_forward_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& labels,
+    const at::Tensor& student_hidden, const at::Tensor& teacher_hidden, const at::Tensor& attention_mask,
+    double temperature, double alpha_ce, double alpha_mlm, double alpha_cos, bool restrict_ce_to_mask) {
+  // Every element of both gradients is written by the kernel, so no zero fill.
+  auto grad_logits = at::empty(student_logits.sizes(), student_logits.options().memory_format(at::MemoryFormat::Contiguous));
+  auto grad_hidden = at::empty(student_hidden.sizes(), student_hidden.options().memory_format(at::MemoryFormat::Contiguous));
+  auto [loss, loss_ce, loss_mlm, loss_cos] =
+      triple_loss_out_cpu(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
+                          temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, grad_logits, grad_hidden);
+  return {loss, loss_ce, loss_mlm, loss_cos, grad_logits, grad_hidden};
+}
+
+TORCH_LIBRARY_IMPL(fastdistil, CPU, m) {
+  m.impl("_triple_loss_forward", &triple_loss_forward_cpu);
+  m.impl("triple_loss_out", &triple_loss_out_cpu);
+}
+
+}  // namespace fastdistil

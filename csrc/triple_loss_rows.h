@@ -1,0 +1,343 @@
+// Row kernels of the triple loss, written once with GCC vector extensions and compiled once per instruction set:
+// triple_loss_cpu.cpp includes this file inside a namespace per ISA under `#pragma GCC target(...)`, so the same
+// 16-lane code becomes AVX-512 (one zmm), AVX2 (two ymm) or SSE2 (four xmm) instructions. No include guard on
+// purpose. Everything here is `static` so each inclusion has its own copy.
+//
+// One student/teacher row pair is handled in three sweeps; the row (2 x 122 KB in fp32) stays in L2 after the
+// first, so DRAM sees each logit once and each gradient element once:
+//   A. the maxima of s and t (no exp);
+//   B. es = exp((s - max_s)/T) and et = exp((t - max_t)/T) into fp32 scratch, and their sums; exp(s - max_s)
+//      for the MLM normalizer is es^T when T is a small integer (the default T = 2), so there are two exps per
+//      element in all;
+//   C. q = es/Zs, p = et/Zt, softmax(s) from es, the gradient written in the student's dtype, and
+//      KL = sum p*(log p - log q) accumulated from the centred logits so large logits do not cancel.
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+static constexpr int64_t kLanes = 16;
+
+static inline vf splat(float x) { return vf{} + x; }
+
+static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+static inline vf vmax(vf a, vf b) { return select(a > b, a, b); }
+
+static inline double hsum(vf v) {
+  double acc = 0.0;
+  for (int i = 0; i < kLanes; ++i) acc += v[i];
+  return acc;
+}
+
+static inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// exp(x) for x <= 88.7; about 1 ulp (Cephes expf). Below -87.3 the result is exactly 0, as float exp gives.
+static inline vf vexp(vf x) {
+  const vf lo = splat(-87.3365447f);
+  vi underflow = x < lo;
+  x = vmax(x, lo);
+  const vf round_magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to the nearest integer
+  vf t = x * 1.44269504088896341f + round_magic;
+  vi n = (vi)t - (vi)round_magic;
+  vf fn = t - round_magic;
+  vf r = x - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  vf scale = (vf)((n + 127) << 23);
+  return select(underflow, splat(0.0f), p * scale);
+}
+
+// Loads and stores of 16 elements, converting to and from fp32. Half and bfloat16 use the same rounding as c10
+// (round to nearest even), so the vector body and the scalar tail agree bit for bit.
+static inline vf load16(const float* p) {
+  vf v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+static inline vf load16(const c10::BFloat16* p) {
+  vh h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+
+static inline vf load16(const c10::Half* p) {
+  vh hh;
+  __builtin_memcpy(&hh, p, sizeof(hh));
+  vu h = __builtin_convertvector(hh, vu);
+  const uint32_t exp_mask = 0x7c00u << 13;
+  vu o = (h & 0x7fffu) << 13;
+  vu e = o & exp_mask;
+  o += (127u - 15u) << 23;
+  vi inf_or_nan = (vi)(e == exp_mask);
+  vi zero_or_sub = (vi)(e == 0u);
+  o += (vu)(inf_or_nan & static_cast<int32_t>((128u - 16u) << 23));
+  vf renorm = (vf)(o + (1u << 23)) - splat(6.103515625e-05f);  // 2^-14 renormalizes subnormals
+  vf out = select(zero_or_sub, renorm, (vf)o);
+  return (vf)((vu)out | ((h & 0x8000u) << 16));
+}
+
+static inline void store16(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+static inline void store16(c10::BFloat16* p, vf v) {
+  vu u = (vu)v;
+  vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  vi is_nan = (vi)((u & 0x7fffffffu) > 0x7f800000u);
+  rounded = (vu)(((vi)rounded & ~is_nan) | (is_nan & 0x7fc0));
+  vh h = __builtin_convertvector(rounded, vh);
+  __builtin_memcpy(p, &h, sizeof(h));
+}
+
+static inline void store16(c10::Half* p, vf v) {
+  vu f = (vu)v;
+  vu sign = f & 0x80000000u;
+  f ^= sign;
+  const uint32_t f16_max = (127u + 16u) << 23;
+  const uint32_t denorm_magic_bits = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+  vu inf_nan = (vu)select((vi)(f > 0x7f800000u), (vf)(vu{} + 0x7e00u), (vf)(vu{} + 0x7c00u));
+  vu sub = (vu)((vf)f + splat(0.5f)) - denorm_magic_bits;  // 0.5f has the bits of denorm_magic_bits
+  vu normal = (f + (((15u - 127u) << 23) + 0xfffu) + ((f >> 13) & 1u)) >> 13;
+  vu o = (vu)select((vi)(f < (113u << 23)), (vf)sub, (vf)normal);
+  o = (vu)select((vi)(f >= f16_max), (vf)inf_nan, (vf)o);
+  vh h = __builtin_convertvector(o | (sign >> 16), vh);
+  __builtin_memcpy(p, &h, sizeof(h));
+}
+
+// Partial vectors at the end of a row go through a 16-element buffer padded with `pad`.
+template <typename T>
+static inline vf load_tail(const T* p, int64_t n, float pad) {
+  float buf[kLanes];
+  for (int64_t i = 0; i < kLanes; ++i) buf[i] = i < n ? static_cast<float>(p[i]) : pad;
+  return load16(buf);
+}
+
+template <typename T>
+static inline void store_tail(T* p, int64_t n, vf v) {
+  float buf[kLanes];
+  store16(buf, v);
+  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(buf[i]);
+}
+
+static inline vi lanes_below(int64_t n) {
+  vi idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return idx < static_cast<int32_t>(n);
+}
+
+// exp(s - max_s) from es = exp((s - max_s)/T): es^T for the integer temperatures 1 and 2 (no exp), otherwise
+// an exp of its own.
+template <int TPow>
+static inline vf softmax1_numerator(vf es, vf s_centred) {
+  if constexpr (TPow == 1) return es;
+  if constexpr (TPow == 2) return es * es;
+  return vexp(s_centred);
+}
+
+struct RowResult {
+  double kl = 0.0;  // KL(p_t || q_s) of this row, at temperature T, not yet scaled by T^2
+  double ce = 0.0;  // -log softmax(s)[label]
+};
+
+// One logit row. `kl_coef` = alpha_ce * T / n_selected and `ce_coef` = alpha_mlm / n_labelled are the weights of
+// the two gradient terms (zero when the row is not selected / not labelled). scratch holds 2 * V floats.
+template <int TPow, typename S, typename T>
+static RowResult logits_row(const S* s, const T* t, S* grad, int64_t V, int64_t label, bool selected,
+                            bool labelled, float inv_temp, float kl_coef, float ce_coef, float* scratch) {
+  const int64_t full = V / kLanes * kLanes;
+  const int64_t rest = V - full;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float* es_buf = scratch;
+  float* et_buf = scratch + V;
+
+  // A. maxima
+  vf ms_v = splat(neg_inf), mt_v = splat(neg_inf);
+  for (int64_t i = 0; i < full; i += kLanes) {
+    ms_v = vmax(ms_v, load16(s + i));
+    if (selected) mt_v = vmax(mt_v, load16(t + i));
+  }
+  if (rest) {
+    ms_v = vmax(ms_v, load_tail(s + full, rest, neg_inf));
+    if (selected) mt_v = vmax(mt_v, load_tail(t + full, rest, neg_inf));
+  }
+  const float ms = hmax(ms_v), mt = hmax(mt_v);
+
+  // B. exponentials and their sums; padded tail lanes are exp(-inf) = 0 and add nothing.
+  vf zs_v = splat(0.f), zt_v = splat(0.f), z1_v = splat(0.f);
+  auto exponentials = [&](vf sv, vf tv, float* es_dst, float* et_dst) {
+    vf sc = sv - ms;
+    vf es = vexp(sc * inv_temp);
+    store16(es_dst, es);
+    zs_v += es;
+    if (labelled) z1_v += softmax1_numerator<TPow>(es, sc);
+    if (selected) {
+      vf et = vexp((tv - mt) * inv_temp);
+      store16(et_dst, et);
+      zt_v += et;
+    }
+  };
+  for (int64_t i = 0; i < full; i += kLanes) {
+    exponentials(load16(s + i), selected ? load16(t + i) : vf{}, es_buf + i, et_buf + i);
+  }
+  // scratch holds exactly V floats per tensor, so the tail's 16 lanes go to buffers of their own.
+  float es_tail[kLanes], et_tail[kLanes];
+  if (rest) {
+    exponentials(load_tail(s + full, rest, neg_inf), selected ? load_tail(t + full, rest, neg_inf) : vf{},
+                 es_tail, et_tail);
+    for (int64_t j = 0; j < rest; ++j) {
+      es_buf[full + j] = es_tail[j];
+      if (selected) et_buf[full + j] = et_tail[j];
+    }
+  }
+  const double zs = hsum(zs_v), zt = selected ? hsum(zt_v) : 1.0, z1 = labelled ? hsum(z1_v) : 1.0;
+  const float rzs = static_cast<float>(1.0 / zs), rzt = static_cast<float>(1.0 / zt),
+              rz1 = static_cast<float>(1.0 / z1);
+
+  // C. gradient, and kl_v = sum of p * ((t - mt) - (s - ms)) / T.
+  vf kl_v = splat(0.f);
+  auto gradient = [&](vf sv, vf tv, const float* es_src, const float* et_src, vi valid) {
+    vf es = load16(es_src);
+    vf g = splat(0.f);
+    if (selected) {
+      vf p = load16(et_src) * rzt;
+      g = (es * rzs - p) * kl_coef;
+      kl_v += select(valid, p * (((tv - mt) - (sv - ms)) * inv_temp), splat(0.f));
+    }
+    if (labelled) g += softmax1_numerator<TPow>(es, sv - ms) * (rz1 * ce_coef);
+    return g;
+  };
+  const vi all = lanes_below(kLanes);
+  for (int64_t i = 0; i < full; i += kLanes) {
+    store16(grad + i, gradient(load16(s + i), selected ? load16(t + i) : vf{}, es_buf + i, et_buf + i, all));
+  }
+  if (rest) {
+    vf g = gradient(load_tail(s + full, rest, 0.f), selected ? load_tail(t + full, rest, 0.f) : vf{}, es_tail,
+                    et_tail, lanes_below(rest));
+    store_tail(grad + full, rest, g);
+  }
+
+  RowResult out;
+  if (selected) out.kl = hsum(kl_v) - std::log(zt) + std::log(zs);
+  if (labelled) {
+    const float s_label = static_cast<float>(s[label]);
+    out.ce = std::log(z1) - static_cast<double>(s_label - ms);
+    // The one-hot term of the cross-entropy gradient, applied to the fp32 value before the single rounding.
+    float es = es_buf[label];
+    float g = 0.f;
+    if (selected) g = (es * rzs - et_buf[label] * rzt) * kl_coef;
+    vf num = softmax1_numerator<TPow>(splat(es), splat(s_label - ms));
+    g += num[0] * (rz1 * ce_coef) - ce_coef;
+    grad[label] = static_cast<S>(g);
+  }
+  return out;
+}
+
+// One hidden-state row: returns 1 - cos(h_s, h_t) with torch's eps on the squared norms, and writes
+// cos_coef * d(1 - cos)/d h_s.
+template <typename S, typename T>
+static double cosine_row(const S* hs, const T* ht, S* grad, int64_t D, float cos_coef) {
+  const int64_t full = D / kLanes * kLanes;
+  const int64_t rest = D - full;
+  vf dot_v = splat(0.f), ss_v = splat(0.f), tt_v = splat(0.f);
+  for (int64_t i = 0; i < full; i += kLanes) {
+    vf a = load16(hs + i), b = load16(ht + i);
+    dot_v += a * b;
+    ss_v += a * a;
+    tt_v += b * b;
+  }
+  if (rest) {
+    vf a = load_tail(hs + full, rest, 0.f), b = load_tail(ht + full, rest, 0.f);
+    dot_v += a * b;
+    ss_v += a * a;
+    tt_v += b * b;
+  }
+  constexpr double eps = 1e-12;  // EPSILON of at::cosine_embedding_loss
+  const double ss = hsum(ss_v) + eps, tt = hsum(tt_v) + eps;
+  const double denom = std::sqrt(ss * tt);
+  const double cos = hsum(dot_v) / denom;
+  // d cos / d h_s = h_t / denom - cos * h_s / |h_s|^2
+  const float a_coef = static_cast<float>(-cos_coef / denom);
+  const float b_coef = static_cast<float>(cos_coef * cos / ss);
+  for (int64_t i = 0; i < full; i += kLanes) {
+    store16(grad + i, load16(ht + i) * a_coef + load16(hs + i) * b_coef);
+  }
+  if (rest) {
+    store_tail(grad + full, rest, load_tail(ht + full, rest, 0.f) * a_coef + load_tail(hs + full, rest, 0.f) * b_coef);
+  }
+  return 1.0 - cos;
+}
+
+// The rows [begin, end) of a call: dtype dispatch of the row kernels above. RowsArgs comes from the includer.
+template <int TPow, typename S, typename T>
+  void logits_rows(const RowsArgs& a, int64_t begin, int64_t end) {
+    std::vector<float> scratch(2 * a.V);
+    const S* s = static_cast<const S*>(a.student_logits);
+    const T* t = static_cast<const T*>(a.teacher_logits);
+    S* g = static_cast<S*>(a.grad_logits);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t off = r * a.V;
+      const bool selected = a.selected[r];
+      const int64_t label = a.labels[r];
+      const bool labelled = label != -100;
+      if (!selected && !labelled) {
+        std::fill(g + off, g + off + a.V, S(0));
+        continue;
+      }
+      RowResult res = logits_row<TPow>(s + off, t + off, g + off, a.V, label, selected, labelled, a.inv_temp,
+                                       selected ? a.kl_coef : 0.f, labelled ? a.ce_coef : 0.f, scratch.data());
+      a.kl_rows[r] = res.kl;
+      a.ce_rows[r] = res.ce;
+    }
+  }
+  template <typename S, typename T>
+  void hidden_rows(const RowsArgs& a, int64_t begin, int64_t end) {
+    const S* hs = static_cast<const S*>(a.student_hidden);
+    const T* ht = static_cast<const T*>(a.teacher_hidden);
+    S* g = static_cast<S*>(a.grad_hidden);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t off = r * a.D;
+      if (!a.real[r]) {
+        std::fill(g + off, g + off + a.D, S(0));
+        continue;
+      }
+      a.cos_rows[r] = cosine_row(hs + off, ht + off, g + off, a.D, a.cos_coef);
+    }
+  }
+  template <typename S, typename T>
+  void rows_typed(const RowsArgs& a, int64_t begin, int64_t end) {
+    switch (a.temp_pow) {
+      case 1:
+        logits_rows<1, S, T>(a, begin, end);
+        break;
+      case 2:
+        logits_rows<2, S, T>(a, begin, end);
+        break;
+      default:
+        logits_rows<0, S, T>(a, begin, end);
+    }
+  }
+  template <typename S>
+  void rows_student(const RowsArgs& a, int64_t begin, int64_t end) {
+    FASTDISTIL_DISPATCH_FLOAT_TYPES(a.teacher_dtype, "triple_loss_teacher",
+                                    [&] { rows_typed<S, scalar_t>(a, begin, end); });
+  }
+  template <typename S>
+  void hidden_student(const RowsArgs& a, int64_t begin, int64_t end) {
+    FASTDISTIL_DISPATCH_FLOAT_TYPES(a.teacher_hidden_dtype, "triple_loss_hidden_t",
+                                    [&] { hidden_rows<S, scalar_t>(a, begin, end); });
+  }
+  void rows(const RowsArgs& a, int64_t begin, int64_t end) {
+    FASTDISTIL_DISPATCH_FLOAT_TYPES(a.logits_dtype, "triple_loss_student",
+                                    [&] { rows_student<scalar_t>(a, begin, end); });
+    FASTDISTIL_DISPATCH_FLOAT_TYPES(a.hidden_dtype, "triple_loss_hidden_s",
+                                    [&] { hidden_student<scalar_t>(a, begin, end); });
+  }

@@ -1,0 +1,263 @@
+"""The fused DistilBERT triple loss: torch.ops.fastdistil.triple_loss, its Python API and its autograd.
+
+The schema lives in csrc/ops.cpp. The kernels (C++ on CPU, Triton on CUDA) implement
+_triple_loss_forward, which returns the loss terms together with the gradient of the weighted loss with
+respect to the student logits and hidden states, computed in the same pass. Backward only scales that
+gradient by grad_output, in place, so training holds one [N, V] gradient and nothing else of vocabulary size.
+"""
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from fastdistil import extension
+from fastdistil.reference import triple_loss_reference
+from fastdistil.triple_loss_output import TripleLossOutput
+
+Backend = Literal["auto", "cpp", "triton", "reference"]
+BACKENDS = ("auto", "cpp", "triton", "reference")
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_inputs(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float,
+    alpha_ce: float,
+    alpha_mlm: float,
+    alpha_cos: float,
+    check_label_values: bool = True,
+) -> None:
+    """Raises ValueError/TypeError naming the offending argument; the C++ kernel repeats these checks."""
+    tensors = {
+        "student_logits": student_logits,
+        "teacher_logits": teacher_logits,
+        "labels": labels,
+        "student_hidden": student_hidden,
+        "teacher_hidden": teacher_hidden,
+        "attention_mask": attention_mask,
+    }
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"triple_loss: {name} must be a torch.Tensor, got {type(value).__name__}")
+    for name, value in tensors.items():
+        if value.device != student_logits.device:
+            raise ValueError(
+                f"triple_loss: {name} is on {value.device} but student_logits is on {student_logits.device}; "
+                "expected all inputs on one device"
+            )
+    for name in ("student_logits", "teacher_logits", "student_hidden", "teacher_hidden"):
+        if tensors[name].dtype not in LOGIT_DTYPES:
+            raise TypeError(f"triple_loss: {name} must be float32, bfloat16 or float16, got {tensors[name].dtype}")
+    if student_logits.dim() < 1 or student_logits.size(-1) == 0:
+        raise ValueError(
+            f"triple_loss: student_logits must be [..., V] with V > 0, got shape {tuple(student_logits.shape)}"
+        )
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            "triple_loss: teacher_logits must have the shape of student_logits "
+            f"{tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}"
+        )
+    lead = tuple(student_logits.shape[:-1])
+    if labels.dtype != torch.int64:
+        raise TypeError(f"triple_loss: labels must be int64, got {labels.dtype}")
+    if tuple(labels.shape) != lead:
+        raise ValueError(
+            f"triple_loss: labels must have shape {lead} (student_logits without V), got {tuple(labels.shape)}"
+        )
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise TypeError(f"triple_loss: attention_mask must be bool or integer, got {attention_mask.dtype}")
+    if tuple(attention_mask.shape) != lead:
+        raise ValueError(f"triple_loss: attention_mask must have shape {lead}, got {tuple(attention_mask.shape)}")
+    if student_hidden.dim() < 1 or student_hidden.size(-1) == 0 or tuple(student_hidden.shape[:-1]) != lead:
+        raise ValueError(
+            f"triple_loss: student_hidden must have shape {lead + ('D',)} with D > 0, "
+            f"got {tuple(student_hidden.shape)}"
+        )
+    if teacher_hidden.shape != student_hidden.shape:
+        raise ValueError(
+            "triple_loss: teacher_hidden must have the shape of student_hidden "
+            f"{tuple(student_hidden.shape)}, got {tuple(teacher_hidden.shape)}"
+        )
+    if not (temperature > 0 and temperature < float("inf")):
+        raise ValueError(f"triple_loss: temperature must be > 0, got {temperature}")
+    for name, value in (("alpha_ce", alpha_ce), ("alpha_mlm", alpha_mlm), ("alpha_cos", alpha_cos)):
+        if not (value >= 0 and value < float("inf")):
+            raise ValueError(f"triple_loss: {name} must be >= 0, got {value}")
+    # Reading label values synchronizes a GPU with the host, so it is done on CPU tensors only; the device
+    # kernels treat the contract as given.
+    if check_label_values and labels.device.type == "cpu" and labels.numel() > 0:
+        vocab = student_logits.size(-1)
+        bad = (labels != -100) & ((labels < 0) | (labels >= vocab))
+        if bad.any():
+            value = labels[bad][0].item()
+            raise ValueError(f"triple_loss: labels must be in [0, {vocab}) or -100 (not a target), got {value}")
+
+
+if extension.AVAILABLE:
+
+    @torch.library.register_fake("fastdistil::_triple_loss_forward")
+    def _(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask, temperature,
+          alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask):
+        torch._check(teacher_logits.shape == student_logits.shape)
+        torch._check(labels.shape == student_logits.shape[:-1])
+        torch._check(teacher_hidden.shape == student_hidden.shape)
+        scalar = student_logits.new_empty((), dtype=torch.float32)
+        return (
+            scalar,
+            scalar.clone(),
+            scalar.clone(),
+            scalar.clone(),
+            torch.empty_like(student_logits, memory_format=torch.contiguous_format),
+            torch.empty_like(student_hidden, memory_format=torch.contiguous_format),
+        )
+
+    @torch.library.register_fake("fastdistil::triple_loss_out")
+    def _(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask, temperature,
+          alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, *, grad_student_logits, grad_student_hidden):
+        scalar = student_logits.new_empty((), dtype=torch.float32)
+        return scalar, scalar.clone(), scalar.clone(), scalar.clone()
+
+
+def _setup_context(ctx, inputs, output):
+    loss, loss_ce, loss_mlm, loss_cos, grad_logits, grad_hidden = output
+    ctx.mark_non_differentiable(loss_ce, loss_mlm, loss_cos, grad_logits, grad_hidden)
+    ctx.save_for_backward(grad_logits, grad_hidden)
+
+
+def _scale_saved_gradients(grad_logits, grad_hidden, grad_loss):
+    """d loss / d inputs times grad_output. In eager mode the [N, V] gradient is scaled in place (skipped when
+    grad_output is exactly 1 on CPU, where reading it is free): a second [N, V] buffer would double the op's
+    memory. Autograd's version counter then turns a second backward through the same graph into an error
+    instead of a doubly scaled gradient."""
+    if torch.compiler.is_compiling():
+        return grad_logits * grad_loss.to(grad_logits.dtype), grad_hidden * grad_loss.to(grad_hidden.dtype)
+    if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
+        grad_logits.mul_(grad_loss.to(grad_logits.dtype))
+    return grad_logits, grad_hidden * grad_loss.to(grad_hidden.dtype)
+
+
+def _backward(ctx, grad_loss, _g_ce, _g_mlm, _g_cos, _g_grad_logits, _g_grad_hidden):
+    grad_logits, grad_hidden = ctx.saved_tensors
+    grad_logits, grad_hidden = _scale_saved_gradients(grad_logits, grad_hidden, grad_loss)
+    return grad_logits, None, None, grad_hidden, None, None, None, None, None, None, None
+
+
+if extension.AVAILABLE:
+    torch.library.register_autograd(
+        "fastdistil::_triple_loss_forward", _backward, setup_context=_setup_context
+    )
+
+
+class _TritonTripleLoss(torch.autograd.Function):
+    """Autograd around the Triton launcher called directly (backend="triton"), which also runs on CPU tensors
+    under TRITON_INTERPRET=1; on CUDA the dispatcher reaches the same launcher through the op."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        from fastdistil.kernels.triple_loss import triple_loss_forward
+
+        output = triple_loss_forward(*args)
+        _setup_context(ctx, args, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
+
+
+def triple_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 2.0,
+    alpha_ce: float = 5.0,
+    alpha_mlm: float = 2.0,
+    alpha_cos: float = 1.0,
+    restrict_ce_to_mask: bool = False,
+    backend: Backend = "auto",
+) -> TripleLossOutput:
+    """The DistilBERT triple loss, fused.
+
+    Args:
+        student_logits: [..., V] fp32/bf16/fp16, differentiable.
+        teacher_logits: [..., V], any of those dtypes; gets no gradient.
+        labels: [...] int64 MLM targets, -100 where a position is not a target.
+        student_hidden, teacher_hidden: [..., D] last hidden states; student_hidden is differentiable.
+        attention_mask: [...] bool or integer, 0 = padding.
+        temperature, alpha_ce, alpha_mlm, alpha_cos: the recipe's T and weights.
+        restrict_ce_to_mask: the KL term covers only MLM targets instead of every non-padding token.
+        backend: "auto" (the compiled kernel for the tensors' device), "cpp", "triton" or "reference".
+
+    Returns:
+        TripleLossOutput(loss, loss_ce, loss_mlm, loss_cos): fp32 scalars; loss = alpha_ce * loss_ce +
+        alpha_mlm * loss_mlm + alpha_cos * loss_cos, and only loss carries a gradient.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"triple_loss: backend must be one of {BACKENDS}, got {backend!r}")
+    args = (student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
+            float(temperature), float(alpha_ce), float(alpha_mlm), float(alpha_cos))
+    check_inputs(*args)
+    args = args + (bool(restrict_ce_to_mask),)
+    if backend == "auto":
+        backend = _auto_backend(student_logits.device)
+    if backend == "reference":
+        return triple_loss_reference(*args)
+    if backend == "triton":
+        return TripleLossOutput(*_TritonTripleLoss.apply(*args)[:4])
+    if not extension.AVAILABLE:
+        raise RuntimeError(f"triple_loss: backend='cpp' needs fastdistil._C ({extension.ERROR}). "
+                           f"{extension.HOW_TO_FIX}")
+    if student_logits.device.type != "cpu":
+        raise ValueError(f"triple_loss: backend='cpp' runs on CPU tensors, got {student_logits.device}")
+    return TripleLossOutput(*torch.ops.fastdistil.triple_loss(*args))
+
+
+def _auto_backend(device: torch.device) -> str:
+    if not extension.AVAILABLE:
+        return "reference"
+    if device.type == "cpu":
+        return "cpp"
+    return "triton"
+
+
+class TripleLoss(nn.Module):
+    """nn.Module form of :func:`triple_loss`, holding the temperature, the weights and the KL row choice."""
+
+    def __init__(
+        self,
+        temperature: float = 2.0,
+        alpha_ce: float = 5.0,
+        alpha_mlm: float = 2.0,
+        alpha_cos: float = 1.0,
+        restrict_ce_to_mask: bool = False,
+        backend: Backend = "auto",
+    ):
+        super().__init__()
+        self.temperature = temperature
+        self.alpha_ce = alpha_ce
+        self.alpha_mlm = alpha_mlm
+        self.alpha_cos = alpha_cos
+        self.restrict_ce_to_mask = restrict_ce_to_mask
+        self.backend = backend
+
+    def forward(self, student_logits, teacher_logits, labels, student_hidden, teacher_hidden,
+                attention_mask) -> TripleLossOutput:
+        return triple_loss(
+            student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
+            self.temperature, self.alpha_ce, self.alpha_mlm, self.alpha_cos, self.restrict_ce_to_mask,
+            self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, alpha_ce={self.alpha_ce}, alpha_mlm={self.alpha_mlm}, "
+                f"alpha_cos={self.alpha_cos}, restrict_ce_to_mask={self.restrict_ce_to_mask}, "
+                f"backend={self.backend!r}")
