@@ -46,6 +46,9 @@ TORCH_LIBRARY(fastdistil, m) {
       "Tensor teacher_hidden, Tensor attention_mask, float temperature, float alpha_ce, float alpha_mlm, "
       "float alpha_cos, bool restrict_ce_to_mask, *, Tensor(a!) grad_student_logits, "
       "Tensor(b!) grad_student_hidden) -> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos)");
+  // Backward of _triple_loss_forward: grad *= scale in place (scale is grad_output, a 0-dim fp32 tensor), in
+  // fp32 with a single rounding, and nothing at all when scale is exactly 1.
+  m.def("_scale_gradient_(Tensor(a!) grad, Tensor scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastdistil, CompositeImplicitAutograd, m) {

@@ -11,69 +11,57 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "cpu_isa.h"
+#include "triple_loss.h"
 
 namespace fastdistil {
-
-struct RowsArgs {
-  const void* student_logits;
-  const void* teacher_logits;
-  const int64_t* labels;
-  const void* student_hidden;
-  const void* teacher_hidden;
-  void* grad_logits;
-  void* grad_hidden;
-  const uint8_t* selected;  // KL row mask
-  const uint8_t* real;      // non-padding (cosine) row mask
-  int64_t V, D;
-  at::ScalarType logits_dtype, teacher_dtype, hidden_dtype, teacher_hidden_dtype;
-  float inv_temp, kl_coef, ce_coef, cos_coef;
-  int temp_pow;  // 1 or 2 when T is that integer, else 0
-  double* kl_rows;
-  double* ce_rows;
-  double* cos_rows;
-};
-
-// fp32 and the two 16-bit float types; the kernels compute in fp32 whatever they load.
-#define FASTDISTIL_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
-
-// One function per ISA (`rows` in triple_loss_rows.h), instantiated from the same source below.
-using RowsFn = void (*)(const RowsArgs&, int64_t, int64_t);
-
-#if defined(__x86_64__) && defined(__GNUC__)
-namespace avx512 {
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-#include "triple_loss_rows.h"
-#pragma GCC pop_options
-}  // namespace avx512
-namespace avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#include "triple_loss_rows.h"
-#pragma GCC pop_options
-}  // namespace avx2
-#endif
-namespace scalar {
-#include "triple_loss_rows.h"
-}  // namespace scalar
 
 namespace {
 
 RowsFn rows_for(CpuIsa isa) {
-#if defined(__x86_64__) && defined(__GNUC__)
   if (isa == CpuIsa::Avx512) return &avx512::rows;
   if (isa == CpuIsa::Avx2) return &avx2::rows;
-#endif
   return &scalar::rows;
 }
 
 bool is_logit_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+// float64 exists for torch.autograd.gradcheck: the row kernels' formulas (same normalizers, same gradient,
+// same zero rows) written with ATen ops in double precision. Fills the per-row partials and both gradients.
+void float64_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& labels, const at::Tensor& hs,
+                  const at::Tensor& ht, const std::vector<uint8_t>& selected_rows, const at::Tensor& real_rows,
+                  double temperature, double kl_coef, double ce_coef, double cos_coef, at::Tensor& grad_logits,
+                  at::Tensor& grad_hidden, double* kl_rows, double* ce_rows, double* cos_rows) {
+  const int64_t N = labels.numel(), V = s.size(-1), D = hs.size(-1);
+  const auto opts = s.options();
+  const auto s2 = s.reshape({N, V}), t2 = t.reshape({N, V}), hs2 = hs.reshape({N, D}), ht2 = ht.reshape({N, D});
+  const auto lab = labels.reshape({N});
+  const auto selected = at::from_blob(const_cast<uint8_t*>(selected_rows.data()), {N}, at::kByte).to(opts);
+  const auto labelled = lab.ne(-100).to(opts);
+  const auto real = real_rows.reshape({N}).to(opts);
+  const auto log_q = at::log_softmax(s2 / temperature, -1), log_p = at::log_softmax(t2 / temperature, -1);
+  const auto p = log_p.exp();
+  const auto kl = (p * (log_p - log_q)).sum(-1) * selected;
+  const auto target = lab.clamp_min(0).unsqueeze(1);
+  const auto log_sm = at::log_softmax(s2, -1);
+  const auto ce = -log_sm.gather(1, target).squeeze(1) * labelled;
+  auto grad = (log_q.exp() - p) * (selected * kl_coef).unsqueeze(1);
+  grad += (log_sm.exp() - at::zeros_like(s2).scatter_(1, target, 1.0)) * (labelled * ce_coef).unsqueeze(1);
+  grad_logits.copy_(grad.reshape(s.sizes()));
+  const auto ss = (hs2 * hs2).sum(-1) + 1e-12, tt = (ht2 * ht2).sum(-1) + 1e-12;
+  const auto denom = (ss * tt).sqrt();
+  const auto cos = (hs2 * ht2).sum(-1) / denom;
+  const auto grad_h = (ht2 / denom.unsqueeze(1) - hs2 * (cos / ss).unsqueeze(1)) * (real * -cos_coef).unsqueeze(1);
+  grad_hidden.copy_(grad_h.reshape(hs.sizes()));
+  const auto cos_loss = (1.0 - cos) * real;
+  std::memcpy(kl_rows, kl.contiguous().data_ptr<double>(), N * sizeof(double));
+  std::memcpy(ce_rows, ce.contiguous().data_ptr<double>(), N * sizeof(double));
+  std::memcpy(cos_rows, cos_loss.contiguous().data_ptr<double>(), N * sizeof(double));
+}
 
 // Every check runs before anything is written, so a bad call leaves the output buffers as they were.
 void check_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& labels, const at::Tensor& hs,
@@ -86,14 +74,18 @@ void check_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& la
     TORCH_CHECK(tensor->device() == s.device(), "triple_loss: ", name, " is on ", tensor->device(),
                 " but student_logits is on ", s.device(), "; expected all inputs on one device");
   }
-  TORCH_CHECK(is_logit_dtype(s.scalar_type()), "triple_loss: student_logits must be float32, bfloat16 or float16, got ",
-              s.scalar_type());
-  TORCH_CHECK(is_logit_dtype(t.scalar_type()), "triple_loss: teacher_logits must be float32, bfloat16 or float16, got ",
-              t.scalar_type());
-  TORCH_CHECK(is_logit_dtype(hs.scalar_type()), "triple_loss: student_hidden must be float32, bfloat16 or float16, got ",
-              hs.scalar_type());
-  TORCH_CHECK(is_logit_dtype(ht.scalar_type()), "triple_loss: teacher_hidden must be float32, bfloat16 or float16, got ",
-              ht.scalar_type());
+  const std::pair<const char*, const at::Tensor*> floats[] = {
+      {"student_logits", &s}, {"teacher_logits", &t}, {"student_hidden", &hs}, {"teacher_hidden", &ht}};
+  const bool float64 = s.scalar_type() == at::kDouble;
+  for (const auto& [name, tensor] : floats) {
+    if (float64) {
+      TORCH_CHECK(tensor->scalar_type() == at::kDouble, "triple_loss: ", name,
+                  " must be float64 like student_logits (float64 is for gradient checks), got ", tensor->scalar_type());
+    } else {
+      TORCH_CHECK(is_logit_dtype(tensor->scalar_type()), "triple_loss: ", name,
+                  " must be float32, bfloat16 or float16, got ", tensor->scalar_type());
+    }
+  }
   TORCH_CHECK(s.dim() >= 1 && s.size(-1) > 0, "triple_loss: student_logits must be [..., V] with V > 0, got shape ",
               s.sizes());
   TORCH_CHECK(t.sizes() == s.sizes(), "triple_loss: teacher_logits must have the shape of student_logits ", s.sizes(),
@@ -118,7 +110,10 @@ void check_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& la
   }
 }
 
-at::Tensor scalar_tensor(double v) { return at::scalar_tensor(v, at::TensorOptions().dtype(at::kFloat)); }
+// The loss terms are fp32 scalars, float64 for float64 inputs (gradcheck needs the extra digits).
+at::Tensor scalar_tensor(double v, bool float64) {
+  return at::scalar_tensor(v, at::TensorOptions().dtype(float64 ? at::kDouble : at::kFloat));
+}
 
 }  // namespace
 
@@ -183,17 +178,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triple_loss_out_cpu(
   args.hidden_dtype = hs.scalar_type();
   args.teacher_hidden_dtype = ht.scalar_type();
   args.inv_temp = static_cast<float>(1.0 / temperature);
-  args.kl_coef = n_selected ? static_cast<float>(alpha_ce * temperature / n_selected) : 0.f;
-  args.ce_coef = n_labelled ? static_cast<float>(alpha_mlm / n_labelled) : 0.f;
-  args.cos_coef = n_real ? static_cast<float>(alpha_cos / n_real) : 0.f;
+  // Weights of the gradient terms: d loss / d s = kl_coef * (q - p) + ce_coef * (softmax(s) - onehot).
+  const double kl_coef = n_selected ? alpha_ce * temperature / n_selected : 0.0;
+  const double ce_coef = n_labelled ? alpha_mlm / n_labelled : 0.0;
+  const double cos_coef = n_real ? alpha_cos / n_real : 0.0;
+  args.kl_coef = static_cast<float>(kl_coef);
+  args.ce_coef = static_cast<float>(ce_coef);
+  args.cos_coef = static_cast<float>(cos_coef);
   args.temp_pow = temperature == 1.0 ? 1 : (temperature == 2.0 ? 2 : 0);
   args.kl_rows = kl_rows.data();
   args.ce_rows = ce_rows.data();
   args.cos_rows = cos_rows.data();
 
-  const RowsFn rows = rows_for(cpu_isa());
-  // A row is ~30k elements: a grain of 4 rows keeps both cores busy down to small N.
-  at::parallel_for(0, N, 4, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
+  if (s.scalar_type() == at::kDouble) {
+    float64_rows(s, t, lab, hs, ht, selected, real, temperature, kl_coef, ce_coef, cos_coef,
+                 grad_student_logits, grad_student_hidden, kl_rows.data(), ce_rows.data(), cos_rows.data());
+  } else {
+    const RowsFn rows = rows_for(cpu_isa());
+    // A row is ~30k elements: a grain of 4 rows keeps both cores busy down to small N.
+    at::parallel_for(0, N, 4, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(2 * V);
+      rows(args, begin, end, scratch.data());
+    });
+  }
 
   double kl = 0.0, ce = 0.0, cos = 0.0;
   for (int64_t r = 0; r < N; ++r) {
@@ -205,7 +212,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triple_loss_out_cpu(
   const double loss_mlm = n_labelled ? ce / n_labelled : 0.0;
   const double loss_cos = n_real ? cos / n_real : 0.0;
   const double loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos;
-  return {scalar_tensor(loss), scalar_tensor(loss_ce), scalar_tensor(loss_mlm), scalar_tensor(loss_cos)};
+  const bool float64 = s.scalar_type() == at::kDouble;
+  return {scalar_tensor(loss, float64), scalar_tensor(loss_ce, float64), scalar_tensor(loss_mlm, float64),
+          scalar_tensor(loss_cos, float64)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triple_loss_forward_cpu(
@@ -221,7 +230,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {loss, loss_ce, loss_mlm, loss_cos, grad_logits, grad_hidden};
 }
 
+void scale_gradient_cpu(at::Tensor& grad, const at::Tensor& scale) {
+  TORCH_CHECK(scale.numel() == 1, "_scale_gradient_: scale must have one element, got shape ", scale.sizes());
+  TORCH_CHECK(grad.is_contiguous(), "_scale_gradient_: grad must be contiguous");
+  const double value = scale.item<double>();  // a CPU scalar: reading it costs nothing
+  if (value == 1.0) return;
+  if (!at::isReducedFloatingType(grad.scalar_type())) {
+    grad.mul_(value);
+    return;
+  }
+  // ATen would round the scale to the 16-bit dtype first (1.7 -> 1.703125 in bf16): multiply in fp32.
+  const float factor = static_cast<float>(value);
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(grad.scalar_type(), "scale_gradient", [&] {
+    scalar_t* data = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, grad.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) data[i] = static_cast<scalar_t>(static_cast<float>(data[i]) * factor);
+    });
+  });
+}
+
 TORCH_LIBRARY_IMPL(fastdistil, CPU, m) {
+  m.impl("_scale_gradient_", &scale_gradient_cpu);
   m.impl("_triple_loss_forward", &triple_loss_forward_cpu);
   m.impl("triple_loss_out", &triple_loss_out_cpu);
 }

@@ -1,7 +1,7 @@
 // Row kernels of the triple loss, written once with GCC vector extensions and compiled once per instruction set:
-// triple_loss_cpu.cpp includes this file inside a namespace per ISA under `#pragma GCC target(...)`, so the same
-// 16-lane code becomes AVX-512 (one zmm), AVX2 (two ymm) or SSE2 (four xmm) instructions. No include guard on
-// purpose. Everything here is `static` so each inclusion has its own copy.
+// each triple_loss_rows_<isa>.cpp includes this file inside its own namespace under `#pragma GCC target`, so the same
+// code becomes AVX-512 (16 lanes), AVX2 (8 lanes) or SSE2 (4 lanes) instructions. No include guard on purpose:
+// each inclusion, in its own namespace, is a separate copy.
 //
 // One student/teacher row pair is handled in three sweeps; the row (2 x 122 KB in fp32) stays in L2 after the
 // first, so DRAM sees each logit once and each gradient element once:
@@ -12,32 +12,39 @@
 //   C. q = es/Zs, p = et/Zt, softmax(s) from es, the gradient written in the student's dtype, and
 //      KL = sum p*(log p - log q) accumulated from the centred logits so large logits do not cancel.
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-static constexpr int64_t kLanes = 16;
+// The includer defines FASTDISTIL_VECTOR_BYTES to the ISA's native register width (64, 32 or 16): GCC lowers
+// vector comparisons wider than the hardware to scalar code, so the vectors must match the registers.
+typedef float vf __attribute__((vector_size(FASTDISTIL_VECTOR_BYTES)));
+typedef int32_t vi __attribute__((vector_size(FASTDISTIL_VECTOR_BYTES)));
+typedef uint32_t vu __attribute__((vector_size(FASTDISTIL_VECTOR_BYTES)));
+typedef uint16_t vh __attribute__((vector_size(FASTDISTIL_VECTOR_BYTES / 2)));
+static constexpr int64_t kLanes = FASTDISTIL_VECTOR_BYTES / 4;
 
-static inline vf splat(float x) { return vf{} + x; }
+// An out-of-line call would pass vectors through memory, so every helper is forced inline.
+#ifndef FASTDISTIL_INLINE
+#define FASTDISTIL_INLINE static inline __attribute__((always_inline))
+#endif
 
-static inline vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+FASTDISTIL_INLINE vf splat(float x) { return vf{} + x; }
 
-static inline vf vmax(vf a, vf b) { return select(a > b, a, b); }
+FASTDISTIL_INLINE vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
-static inline double hsum(vf v) {
+FASTDISTIL_INLINE vf vmax(vf a, vf b) { return select(a > b, a, b); }
+
+FASTDISTIL_INLINE double hsum(vf v) {
   double acc = 0.0;
   for (int i = 0; i < kLanes; ++i) acc += v[i];
   return acc;
 }
 
-static inline float hmax(vf v) {
+FASTDISTIL_INLINE float hmax(vf v) {
   float m = v[0];
   for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
   return m;
 }
 
 // exp(x) for x <= 88.7; about 1 ulp (Cephes expf). Below -87.3 the result is exactly 0, as float exp gives.
-static inline vf vexp(vf x) {
+FASTDISTIL_INLINE vf vexp(vf x) {
   const vf lo = splat(-87.3365447f);
   vi underflow = x < lo;
   x = vmax(x, lo);
@@ -58,21 +65,21 @@ static inline vf vexp(vf x) {
   return select(underflow, splat(0.0f), p * scale);
 }
 
-// Loads and stores of 16 elements, converting to and from fp32. Half and bfloat16 use the same rounding as c10
+// Loads and stores of one vector, converting to and from fp32. Half and bfloat16 use the same rounding as c10
 // (round to nearest even), so the vector body and the scalar tail agree bit for bit.
-static inline vf load16(const float* p) {
+FASTDISTIL_INLINE vf vload(const float* p) {
   vf v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
 
-static inline vf load16(const c10::BFloat16* p) {
+FASTDISTIL_INLINE vf vload(const c10::BFloat16* p) {
   vh h;
   __builtin_memcpy(&h, p, sizeof(h));
   return (vf)(__builtin_convertvector(h, vu) << 16);
 }
 
-static inline vf load16(const c10::Half* p) {
+FASTDISTIL_INLINE vf vload(const c10::Half* p) {
   vh hh;
   __builtin_memcpy(&hh, p, sizeof(hh));
   vu h = __builtin_convertvector(hh, vu);
@@ -88,9 +95,9 @@ static inline vf load16(const c10::Half* p) {
   return (vf)((vu)out | ((h & 0x8000u) << 16));
 }
 
-static inline void store16(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
+FASTDISTIL_INLINE void vstore(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
 
-static inline void store16(c10::BFloat16* p, vf v) {
+FASTDISTIL_INLINE void vstore(c10::BFloat16* p, vf v) {
   vu u = (vu)v;
   vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   vi is_nan = (vi)((u & 0x7fffffffu) > 0x7f800000u);
@@ -99,7 +106,7 @@ static inline void store16(c10::BFloat16* p, vf v) {
   __builtin_memcpy(p, &h, sizeof(h));
 }
 
-static inline void store16(c10::Half* p, vf v) {
+FASTDISTIL_INLINE void vstore(c10::Half* p, vf v) {
   vu f = (vu)v;
   vu sign = f & 0x80000000u;
   f ^= sign;
@@ -114,30 +121,31 @@ static inline void store16(c10::Half* p, vf v) {
   __builtin_memcpy(p, &h, sizeof(h));
 }
 
-// Partial vectors at the end of a row go through a 16-element buffer padded with `pad`.
+// Partial vectors at the end of a row go through a one-vector buffer padded with `pad`.
 template <typename T>
-static inline vf load_tail(const T* p, int64_t n, float pad) {
+FASTDISTIL_INLINE vf load_tail(const T* p, int64_t n, float pad) {
   float buf[kLanes];
   for (int64_t i = 0; i < kLanes; ++i) buf[i] = i < n ? static_cast<float>(p[i]) : pad;
-  return load16(buf);
+  return vload(buf);
 }
 
 template <typename T>
-static inline void store_tail(T* p, int64_t n, vf v) {
+FASTDISTIL_INLINE void store_tail(T* p, int64_t n, vf v) {
   float buf[kLanes];
-  store16(buf, v);
+  vstore(buf, v);
   for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(buf[i]);
 }
 
-static inline vi lanes_below(int64_t n) {
-  vi idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+FASTDISTIL_INLINE vi lanes_below(int64_t n) {
+  vi idx;
+  for (int i = 0; i < kLanes; ++i) idx[i] = i;
   return idx < static_cast<int32_t>(n);
 }
 
 // exp(s - max_s) from es = exp((s - max_s)/T): es^T for the integer temperatures 1 and 2 (no exp), otherwise
 // an exp of its own.
 template <int TPow>
-static inline vf softmax1_numerator(vf es, vf s_centred) {
+FASTDISTIL_INLINE vf softmax1_numerator(vf es, vf s_centred) {
   if constexpr (TPow == 1) return es;
   if constexpr (TPow == 2) return es * es;
   return vexp(s_centred);
@@ -162,8 +170,8 @@ static RowResult logits_row(const S* s, const T* t, S* grad, int64_t V, int64_t 
   // A. maxima
   vf ms_v = splat(neg_inf), mt_v = splat(neg_inf);
   for (int64_t i = 0; i < full; i += kLanes) {
-    ms_v = vmax(ms_v, load16(s + i));
-    if (selected) mt_v = vmax(mt_v, load16(t + i));
+    ms_v = vmax(ms_v, vload(s + i));
+    if (selected) mt_v = vmax(mt_v, vload(t + i));
   }
   if (rest) {
     ms_v = vmax(ms_v, load_tail(s + full, rest, neg_inf));
@@ -173,22 +181,22 @@ static RowResult logits_row(const S* s, const T* t, S* grad, int64_t V, int64_t 
 
   // B. exponentials and their sums; padded tail lanes are exp(-inf) = 0 and add nothing.
   vf zs_v = splat(0.f), zt_v = splat(0.f), z1_v = splat(0.f);
-  auto exponentials = [&](vf sv, vf tv, float* es_dst, float* et_dst) {
+  auto exponentials = [&](vf sv, vf tv, float* es_dst, float* et_dst) __attribute__((always_inline)) {
     vf sc = sv - ms;
     vf es = vexp(sc * inv_temp);
-    store16(es_dst, es);
+    vstore(es_dst, es);
     zs_v += es;
     if (labelled) z1_v += softmax1_numerator<TPow>(es, sc);
     if (selected) {
       vf et = vexp((tv - mt) * inv_temp);
-      store16(et_dst, et);
+      vstore(et_dst, et);
       zt_v += et;
     }
   };
   for (int64_t i = 0; i < full; i += kLanes) {
-    exponentials(load16(s + i), selected ? load16(t + i) : vf{}, es_buf + i, et_buf + i);
+    exponentials(vload(s + i), selected ? vload(t + i) : vf{}, es_buf + i, et_buf + i);
   }
-  // scratch holds exactly V floats per tensor, so the tail's 16 lanes go to buffers of their own.
+  // scratch holds exactly V floats per tensor, so the tail's lanes go to buffers of their own.
   float es_tail[kLanes], et_tail[kLanes];
   if (rest) {
     exponentials(load_tail(s + full, rest, neg_inf), selected ? load_tail(t + full, rest, neg_inf) : vf{},
@@ -204,11 +212,11 @@ static RowResult logits_row(const S* s, const T* t, S* grad, int64_t V, int64_t 
 
   // C. gradient, and kl_v = sum of p * ((t - mt) - (s - ms)) / T.
   vf kl_v = splat(0.f);
-  auto gradient = [&](vf sv, vf tv, const float* es_src, const float* et_src, vi valid) {
-    vf es = load16(es_src);
+  auto gradient = [&](vf sv, vf tv, const float* es_src, const float* et_src, vi valid) __attribute__((always_inline)) {
+    vf es = vload(es_src);
     vf g = splat(0.f);
     if (selected) {
-      vf p = load16(et_src) * rzt;
+      vf p = vload(et_src) * rzt;
       g = (es * rzs - p) * kl_coef;
       kl_v += select(valid, p * (((tv - mt) - (sv - ms)) * inv_temp), splat(0.f));
     }
@@ -217,7 +225,7 @@ static RowResult logits_row(const S* s, const T* t, S* grad, int64_t V, int64_t 
   };
   const vi all = lanes_below(kLanes);
   for (int64_t i = 0; i < full; i += kLanes) {
-    store16(grad + i, gradient(load16(s + i), selected ? load16(t + i) : vf{}, es_buf + i, et_buf + i, all));
+    vstore(grad + i, gradient(vload(s + i), selected ? vload(t + i) : vf{}, es_buf + i, et_buf + i, all));
   }
   if (rest) {
     vf g = gradient(load_tail(s + full, rest, 0.f), selected ? load_tail(t + full, rest, 0.f) : vf{}, es_tail,
@@ -249,7 +257,7 @@ static double cosine_row(const S* hs, const T* ht, S* grad, int64_t D, float cos
   const int64_t rest = D - full;
   vf dot_v = splat(0.f), ss_v = splat(0.f), tt_v = splat(0.f);
   for (int64_t i = 0; i < full; i += kLanes) {
-    vf a = load16(hs + i), b = load16(ht + i);
+    vf a = vload(hs + i), b = vload(ht + i);
     dot_v += a * b;
     ss_v += a * a;
     tt_v += b * b;
@@ -268,7 +276,7 @@ static double cosine_row(const S* hs, const T* ht, S* grad, int64_t D, float cos
   const float a_coef = static_cast<float>(-cos_coef / denom);
   const float b_coef = static_cast<float>(cos_coef * cos / ss);
   for (int64_t i = 0; i < full; i += kLanes) {
-    store16(grad + i, load16(ht + i) * a_coef + load16(hs + i) * b_coef);
+    vstore(grad + i, vload(ht + i) * a_coef + vload(hs + i) * b_coef);
   }
   if (rest) {
     store_tail(grad + full, rest, load_tail(ht + full, rest, 0.f) * a_coef + load_tail(hs + full, rest, 0.f) * b_coef);
@@ -276,68 +284,59 @@ static double cosine_row(const S* hs, const T* ht, S* grad, int64_t D, float cos
   return 1.0 - cos;
 }
 
-// The rows [begin, end) of a call: dtype dispatch of the row kernels above. RowsArgs comes from the includer.
+// The rows [begin, end) of a call: dtype and temperature dispatch of the row kernels above.
 template <int TPow, typename S, typename T>
-  void logits_rows(const RowsArgs& a, int64_t begin, int64_t end) {
-    std::vector<float> scratch(2 * a.V);
-    const S* s = static_cast<const S*>(a.student_logits);
-    const T* t = static_cast<const T*>(a.teacher_logits);
-    S* g = static_cast<S*>(a.grad_logits);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t off = r * a.V;
-      const bool selected = a.selected[r];
-      const int64_t label = a.labels[r];
-      const bool labelled = label != -100;
-      if (!selected && !labelled) {
-        std::fill(g + off, g + off + a.V, S(0));
-        continue;
-      }
-      RowResult res = logits_row<TPow>(s + off, t + off, g + off, a.V, label, selected, labelled, a.inv_temp,
-                                       selected ? a.kl_coef : 0.f, labelled ? a.ce_coef : 0.f, scratch.data());
-      a.kl_rows[r] = res.kl;
-      a.ce_rows[r] = res.ce;
+static void logits_rows(const RowsArgs& a, int64_t begin, int64_t end, float* scratch) {
+  const S* s = static_cast<const S*>(a.student_logits);
+  const T* t = static_cast<const T*>(a.teacher_logits);
+  S* g = static_cast<S*>(a.grad_logits);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t off = r * a.V;
+    const bool selected = a.selected[r];
+    const int64_t label = a.labels[r];
+    const bool labelled = label != -100;
+    if (!selected && !labelled) {
+      for (int64_t i = 0; i < a.V; ++i) g[off + i] = S(0);
+      continue;
     }
+    RowResult res = logits_row<TPow>(s + off, t + off, g + off, a.V, label, selected, labelled, a.inv_temp,
+                                     selected ? a.kl_coef : 0.f, labelled ? a.ce_coef : 0.f, scratch);
+    a.kl_rows[r] = res.kl;
+    a.ce_rows[r] = res.ce;
   }
-  template <typename S, typename T>
-  void hidden_rows(const RowsArgs& a, int64_t begin, int64_t end) {
-    const S* hs = static_cast<const S*>(a.student_hidden);
-    const T* ht = static_cast<const T*>(a.teacher_hidden);
-    S* g = static_cast<S*>(a.grad_hidden);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t off = r * a.D;
-      if (!a.real[r]) {
-        std::fill(g + off, g + off + a.D, S(0));
-        continue;
-      }
-      a.cos_rows[r] = cosine_row(hs + off, ht + off, g + off, a.D, a.cos_coef);
+}
+
+template <typename S, typename T>
+static void hidden_rows(const RowsArgs& a, int64_t begin, int64_t end) {
+  const S* hs = static_cast<const S*>(a.student_hidden);
+  const T* ht = static_cast<const T*>(a.teacher_hidden);
+  S* g = static_cast<S*>(a.grad_hidden);
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t off = r * a.D;
+    if (!a.real[r]) {
+      for (int64_t i = 0; i < a.D; ++i) g[off + i] = S(0);
+      continue;
     }
+    a.cos_rows[r] = cosine_row(hs + off, ht + off, g + off, a.D, a.cos_coef);
   }
-  template <typename S, typename T>
-  void rows_typed(const RowsArgs& a, int64_t begin, int64_t end) {
-    switch (a.temp_pow) {
-      case 1:
-        logits_rows<1, S, T>(a, begin, end);
-        break;
-      case 2:
-        logits_rows<2, S, T>(a, begin, end);
-        break;
-      default:
-        logits_rows<0, S, T>(a, begin, end);
-    }
-  }
-  template <typename S>
-  void rows_student(const RowsArgs& a, int64_t begin, int64_t end) {
+}
+
+template <typename S, typename T>
+static void logits_rows_at_temperature(const RowsArgs& a, int64_t begin, int64_t end, float* scratch) {
+  if (a.temp_pow == 1) return logits_rows<1, S, T>(a, begin, end, scratch);
+  if (a.temp_pow == 2) return logits_rows<2, S, T>(a, begin, end, scratch);
+  logits_rows<0, S, T>(a, begin, end, scratch);
+}
+
+void rows(const RowsArgs& a, int64_t begin, int64_t end, float* scratch) {
+  FASTDISTIL_DISPATCH_FLOAT_TYPES(a.logits_dtype, "triple_loss_student", [&] {
+    using S = scalar_t;
     FASTDISTIL_DISPATCH_FLOAT_TYPES(a.teacher_dtype, "triple_loss_teacher",
-                                    [&] { rows_typed<S, scalar_t>(a, begin, end); });
-  }
-  template <typename S>
-  void hidden_student(const RowsArgs& a, int64_t begin, int64_t end) {
-    FASTDISTIL_DISPATCH_FLOAT_TYPES(a.teacher_hidden_dtype, "triple_loss_hidden_t",
+                                    [&] { logits_rows_at_temperature<S, scalar_t>(a, begin, end, scratch); });
+  });
+  FASTDISTIL_DISPATCH_FLOAT_TYPES(a.hidden_dtype, "triple_loss_student_hidden", [&] {
+    using S = scalar_t;
+    FASTDISTIL_DISPATCH_FLOAT_TYPES(a.teacher_hidden_dtype, "triple_loss_teacher_hidden",
                                     [&] { hidden_rows<S, scalar_t>(a, begin, end); });
-  }
-  void rows(const RowsArgs& a, int64_t begin, int64_t end) {
-    FASTDISTIL_DISPATCH_FLOAT_TYPES(a.logits_dtype, "triple_loss_student",
-                                    [&] { rows_student<scalar_t>(a, begin, end); });
-    FASTDISTIL_DISPATCH_FLOAT_TYPES(a.hidden_dtype, "triple_loss_hidden_s",
-                                    [&] { hidden_student<scalar_t>(a, begin, end); });
-  }
+  });
+}

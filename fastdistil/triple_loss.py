@@ -6,6 +6,7 @@ respect to the student logits and hidden states, computed in the same pass. Back
 gradient by grad_output, in place, so training holds one [N, V] gradient and nothing else of vocabulary size.
 """
 
+import warnings
 from typing import Literal
 
 import torch
@@ -51,9 +52,14 @@ def check_inputs(
                 f"triple_loss: {name} is on {value.device} but student_logits is on {student_logits.device}; "
                 "expected all inputs on one device"
             )
+    float64 = student_logits.dtype == torch.float64
     for name in ("student_logits", "teacher_logits", "student_hidden", "teacher_hidden"):
-        if tensors[name].dtype not in LOGIT_DTYPES:
-            raise TypeError(f"triple_loss: {name} must be float32, bfloat16 or float16, got {tensors[name].dtype}")
+        dtype = tensors[name].dtype
+        if float64 and dtype != torch.float64:
+            raise TypeError(f"triple_loss: {name} must be float64 like student_logits (float64 is for "
+                            f"gradient checks), got {dtype}")
+        if not float64 and dtype not in LOGIT_DTYPES:
+            raise TypeError(f"triple_loss: {name} must be float32, bfloat16 or float16, got {dtype}")
     if student_logits.dim() < 1 or student_logits.size(-1) == 0:
         raise ValueError(
             f"triple_loss: student_logits must be [..., V] with V > 0, got shape {tuple(student_logits.shape)}"
@@ -91,7 +97,9 @@ def check_inputs(
             raise ValueError(f"triple_loss: {name} must be >= 0, got {value}")
     # Reading label values synchronizes a GPU with the host, so it is done on CPU tensors only; the device
     # kernels treat the contract as given.
-    if check_label_values and labels.device.type == "cpu" and labels.numel() > 0:
+    # torch.compile cannot trace a branch on values either; the C++ kernel checks them again.
+    if (check_label_values and labels.device.type == "cpu" and labels.numel() > 0
+            and not torch.compiler.is_compiling()):
         vocab = student_logits.size(-1)
         bad = (labels != -100) & ((labels < 0) | (labels >= vocab))
         if bad.any():
@@ -99,15 +107,35 @@ def check_inputs(
             raise ValueError(f"triple_loss: labels must be in [0, {vocab}) or -100 (not a target), got {value}")
 
 
+_OP_TENSOR_ARGS = ("student_logits", "teacher_logits", "labels", "student_hidden", "teacher_hidden",
+                   "attention_mask", "grad_student_logits", "grad_student_hidden")
+
+
+def _check_devices(*tensors: torch.Tensor) -> None:
+    """A meta tensor among real ones sends a call to the fake kernel, which must then fail as the real kernel
+    does rather than invent a result."""
+    devices = [t.device for t in tensors]
+    common = max(set(devices), key=devices.count)
+    for name, device in zip(_OP_TENSOR_ARGS, devices):
+        if device != common:
+            raise RuntimeError(f"triple_loss: {name} is on {device} but the other inputs are on {common}; "
+                               "expected all inputs on one device")
+
+
+def _loss_dtype(student_logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+
+
 if extension.AVAILABLE:
 
     @torch.library.register_fake("fastdistil::_triple_loss_forward")
     def _(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask, temperature,
           alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask):
+        _check_devices(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask)
         torch._check(teacher_logits.shape == student_logits.shape)
         torch._check(labels.shape == student_logits.shape[:-1])
         torch._check(teacher_hidden.shape == student_hidden.shape)
-        scalar = student_logits.new_empty((), dtype=torch.float32)
+        scalar = student_logits.new_empty((), dtype=_loss_dtype(student_logits))
         return (
             scalar,
             scalar.clone(),
@@ -120,31 +148,32 @@ if extension.AVAILABLE:
     @torch.library.register_fake("fastdistil::triple_loss_out")
     def _(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask, temperature,
           alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, *, grad_student_logits, grad_student_hidden):
-        scalar = student_logits.new_empty((), dtype=torch.float32)
+        _check_devices(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
+                       grad_student_logits, grad_student_hidden)
+        scalar = student_logits.new_empty((), dtype=_loss_dtype(student_logits))
         return scalar, scalar.clone(), scalar.clone(), scalar.clone()
 
 
 def _setup_context(ctx, inputs, output):
     loss, loss_ce, loss_mlm, loss_cos, grad_logits, grad_hidden = output
     ctx.mark_non_differentiable(loss_ce, loss_mlm, loss_cos, grad_logits, grad_hidden)
+    # Otherwise autograd hands backward a zero [N, V] "gradient" for the grad_logits output.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_logits, grad_hidden)
 
 
-def _scale_saved_gradients(grad_logits, grad_hidden, grad_loss):
-    """d loss / d inputs times grad_output. In eager mode the [N, V] gradient is scaled in place (skipped when
-    grad_output is exactly 1 on CPU, where reading it is free): a second [N, V] buffer would double the op's
-    memory. Autograd's version counter then turns a second backward through the same graph into an error
-    instead of a doubly scaled gradient."""
-    if torch.compiler.is_compiling():
-        return grad_logits * grad_loss.to(grad_logits.dtype), grad_hidden * grad_loss.to(grad_hidden.dtype)
-    if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
-        grad_logits.mul_(grad_loss.to(grad_logits.dtype))
-    return grad_logits, grad_hidden * grad_loss.to(grad_hidden.dtype)
-
-
 def _backward(ctx, grad_loss, _g_ce, _g_mlm, _g_cos, _g_grad_logits, _g_grad_hidden):
+    if grad_loss is None:
+        return (None,) * 11
     grad_logits, grad_hidden = ctx.saved_tensors
-    grad_logits, grad_hidden = _scale_saved_gradients(grad_logits, grad_hidden, grad_loss)
+    # In place: a second [N, V] buffer would double the op's memory. The bumped version counter turns a second
+    # backward through the same graph into autograd's usual error instead of a doubly scaled gradient.
+    if extension.AVAILABLE:
+        torch.ops.fastdistil._scale_gradient_(grad_logits, grad_loss)
+        torch.ops.fastdistil._scale_gradient_(grad_hidden, grad_loss)
+    else:  # the Triton path without the C++ extension
+        grad_logits.mul_(grad_loss)
+        grad_hidden.mul_(grad_loss)
     return grad_logits, None, None, grad_hidden, None, None, None, None, None, None, None
 
 
@@ -152,6 +181,27 @@ if extension.AVAILABLE:
     torch.library.register_autograd(
         "fastdistil::_triple_loss_forward", _backward, setup_context=_setup_context
     )
+
+    @torch.library.register_fake("fastdistil::_scale_gradient_")
+    def _(grad, scale):
+        return None
+
+
+def _register_triton_kernels() -> None:
+    """The Triton kernels become the CUDA implementations of the ops. Only on a machine with CUDA: compiling
+    them here would fix Triton's mode before a CPU test can ask for the interpreter."""
+    if not (extension.AVAILABLE and torch.cuda.is_available()):
+        return
+    try:
+        from fastdistil.kernels.triple_loss import register_cuda_kernel
+    except ImportError as exc:
+        warnings.warn(f"fastdistil: Triton is not importable ({exc}); CUDA tensors will use the reference "
+                      "triple loss. `pip install triton` fixes it.", RuntimeWarning, stacklevel=2)
+        return
+    register_cuda_kernel()
+
+
+_register_triton_kernels()
 
 
 class _TritonTripleLoss(torch.autograd.Function):
@@ -188,7 +238,8 @@ def triple_loss(
     """The DistilBERT triple loss, fused.
 
     Args:
-        student_logits: [..., V] fp32/bf16/fp16, differentiable.
+        student_logits: [..., V] fp32/bf16/fp16, differentiable. (float64, with every floating input float64,
+            runs the same formulas in double precision for torch.autograd.gradcheck.)
         teacher_logits: [..., V], any of those dtypes; gets no gradient.
         labels: [...] int64 MLM targets, -100 where a position is not a target.
         student_hidden, teacher_hidden: [..., D] last hidden states; student_hidden is differentiable.
@@ -214,19 +265,29 @@ def triple_loss(
     if backend == "triton":
         return TripleLossOutput(*_TritonTripleLoss.apply(*args)[:4])
     if not extension.AVAILABLE:
-        raise RuntimeError(f"triple_loss: backend='cpp' needs fastdistil._C ({extension.ERROR}). "
+        raise RuntimeError(f"triple_loss: backend={backend!r} needs fastdistil._C ({extension.ERROR}). "
                            f"{extension.HOW_TO_FIX}")
-    if student_logits.device.type != "cpu":
+    if backend == "cpp" and student_logits.device.type != "cpu":
         raise ValueError(f"triple_loss: backend='cpp' runs on CPU tensors, got {student_logits.device}")
     return TripleLossOutput(*torch.ops.fastdistil.triple_loss(*args))
 
 
 def _auto_backend(device: torch.device) -> str:
+    """"op" is torch.ops.fastdistil.triple_loss, whose dispatcher picks the C++ kernel on CPU and the Triton
+    kernel on CUDA; without a compiled kernel for the device, the reference."""
     if not extension.AVAILABLE:
         return "reference"
-    if device.type == "cpu":
-        return "cpp"
-    return "triton"
+    if device.type == "cpu" or (device.type == "cuda" and _triton_available()):
+        return "op"
+    return "reference"
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class TripleLoss(nn.Module):

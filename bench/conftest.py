@@ -1,0 +1,56 @@
+"""Shared fixtures of the benchmark suites, and what every result records about the machine that produced it.
+
+bench/ is run explicitly (`pytest bench/`); pyproject's testpaths keeps it out of the default test run. Every
+item here gets the `bench` marker, so `pytest tests bench -m "not bench"` also leaves it out.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+# The suites import their helpers (memory.py, bandwidth.py) by name, whatever pytest's import mode.
+sys.path.insert(0, str(BENCH_DIR))
+
+from bandwidth import copy_bandwidth as measure_copy_bandwidth  # noqa: E402
+from machine import CpuContention, cpu_flags, cpu_model, git_revision  # noqa: E402
+
+_SESSION = {}  # what the fixtures measured, for the machine_info hook at the end of the session
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bench: a benchmark (bench/); run explicitly with `pytest bench/`")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if BENCH_DIR in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.bench)
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth() -> float:
+    """Read+write bytes/s of a large tensor copy on all intra-op threads, measured once per session."""
+    with CpuContention() as contention:
+        result = measure_copy_bandwidth()
+    result["other_cpu_fraction"] = contention.other_fraction
+    _SESSION["copy_bandwidth"] = result
+    return result["bytes_per_s"]
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    import fastdistil
+
+    machine_info["cpu_model"] = cpu_model()
+    machine_info["cpu_count"] = os.cpu_count()
+    machine_info["cpu_flags"] = cpu_flags()
+    machine_info["torch_threads"] = torch.get_num_threads()
+    machine_info["torch_version"] = torch.__version__
+    machine_info["fastdistil_version"] = fastdistil.__version__
+    machine_info["fastdistil_git"] = git_revision()
+    machine_info["fastdistil_cpu_isa"] = fastdistil.extension.cpu_isa()
+    if "copy_bandwidth" in _SESSION:
+        machine_info["copy_bandwidth"] = _SESSION["copy_bandwidth"]

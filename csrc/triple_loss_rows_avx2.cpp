@@ -1,0 +1,14 @@
+// The row kernels compiled for AVX2; cpu_isa.cpp decides at run time whether this CPU may run them.
+#include "triple_loss.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC target("avx2,fma,f16c")
+#define FASTDISTIL_VECTOR_BYTES 32
+namespace fastdistil::avx2 {
+#include "triple_loss_rows.h"
+}  // namespace fastdistil::avx2
+#else
+namespace fastdistil::avx2 {
+void rows(const RowsArgs&, int64_t, int64_t) { TORCH_CHECK(false, "fastdistil: avx2 kernels exist on x86-64 only"); }
+}  // namespace fastdistil::avx2
+#endif

@@ -1,0 +1,1 @@
+"""Triton kernels of fastdistil, installed as fastdistil.kernels (one op per module)."""

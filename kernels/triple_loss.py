@@ -1,0 +1,314 @@
+"""Triton implementation of fastdistil::_triple_loss_forward, the CUDA kernel of the fused triple loss.
+
+Same contract as the C++ CPU kernel (csrc/triple_loss_cpu.cpp): the four loss terms and the gradient of the
+weighted loss with respect to the student logits and hidden states, computed in one forward.
+
+One program per logit row. The first sweep keeps online-softmax statistics (running max and sum) of s/T, s and
+t/T; the second sweep rereads the row (from L2 on A100/H100) and writes the gradient once, in the student's
+dtype, and the KL of the row. A second small kernel does the cosine term on the [N, D] hidden states. Each row
+writes its loss partials to an [N] buffer and torch sums them, so the result is deterministic, and the
+normalizers (numbers of selected, labelled and real rows) are counted by torch on the device and read by the
+kernels, so nothing waits for the host. Computation is in fp32, in fp64 for fp64 inputs (gradient checks).
+"""
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_COS_EPS = tl.constexpr(1e-12)  # EPSILON of at::cosine_embedding_loss, added to both squared norms
+_MAX_BLOCK = 4096
+
+
+@triton.jit
+def _softmax1_numerator(e, centred, TEMP_POW: tl.constexpr):
+    # exp(centred) from e = exp(centred / T): a power of e when T is 1 or 2 (the default), so no second exp.
+    if TEMP_POW == 1:
+        num = e
+    elif TEMP_POW == 2:
+        num = e * e
+    else:
+        num = tl.exp2(centred * _LOG2E)
+    return num
+
+
+@triton.jit
+def _triple_loss_logits_kernel(
+    s_ptr,  # [N, V] student logits, row-major
+    t_ptr,  # [N, V] teacher logits, row-major
+    labels_ptr,  # [N] int64 MLM targets, -100 = not a target
+    selected_ptr,  # [N] uint8, 1 = the row is in the KL term
+    counts_ptr,  # [3] int64: n_selected, n_labelled, n_real
+    grad_ptr,  # [N, V] out: d loss / d student logits, student dtype
+    kl_rows_ptr,  # [N] ACC out: KL(softmax(t/T) || softmax(s/T)) of the row, not yet scaled by T^2
+    ce_rows_ptr,  # [N] ACC out: -log softmax(s)[label]
+    V,
+    inv_temp: tl.float64,  # 1 / T
+    kl_weight: tl.float64,  # alpha_ce * T: d(alpha_ce * T^2 * KL)/ds = alpha_ce * T * (q - p)
+    ce_weight: tl.float64,  # alpha_mlm
+    ACC: tl.constexpr,  # compute dtype: fp32, fp64 for fp64 inputs
+    TEMP_POW: tl.constexpr,  # T when it is 1 or 2, else 0
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # row * V overflows int32 once N * V > 2^31
+    s_row = s_ptr + row * V
+    t_row = t_ptr + row * V
+    g_row = grad_ptr + row * V
+    cols = tl.arange(0, BLOCK_V)
+    label = tl.load(labels_ptr + row)
+    labelled = label != -100
+    selected = tl.load(selected_ptr + row) != 0
+
+    if not (selected or labelled):
+        for start in range(0, V, BLOCK_V):
+            tl.store(g_row + start + cols, 0.0, mask=start + cols < V)
+        tl.store(kl_rows_ptr + row, 0.0)
+        tl.store(ce_rows_ptr + row, 0.0)
+        return
+
+    # Sweep 1. Lanes past the end of the row load -inf, so their exponentials are 0. max(s/T) = max(s)/T, so
+    # one running max serves both student softmaxes. The teacher row is read only for rows in the KL term.
+    # tl.full casts the fp64 arguments: .to would on a GPU, but the interpreter passes them as Python floats.
+    inv_temp = tl.full([], inv_temp, ACC)
+    scale = inv_temp * _LOG2E
+    m_s = tl.full([], float("-inf"), ACC)
+    z_s = tl.zeros([], ACC)  # sum exp((s - m_s) / T)
+    z_1 = tl.zeros([], ACC)  # sum exp(s - m_s)
+    m_t = tl.full([], float("-inf"), ACC)
+    z_t = tl.zeros([], ACC)  # sum exp((t - m_t) / T)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        in_row = offs < V
+        s = tl.load(s_row + offs, mask=in_row, other=float("-inf")).to(ACC)
+        m_s_new = tl.maximum(m_s, tl.max(s, 0))
+        rescale = tl.exp2((m_s - m_s_new) * scale)
+        es = tl.exp2((s - m_s_new) * scale)
+        z_s = z_s * rescale + tl.sum(es, 0)
+        z_1 = z_1 * _softmax1_numerator(rescale, m_s - m_s_new, TEMP_POW) + tl.sum(
+            _softmax1_numerator(es, s - m_s_new, TEMP_POW), 0
+        )
+        m_s = m_s_new
+        if selected:
+            t = tl.load(t_row + offs, mask=in_row, other=float("-inf")).to(ACC)
+            m_t_new = tl.maximum(m_t, tl.max(t, 0))
+            z_t = z_t * tl.exp2((m_t - m_t_new) * scale) + tl.sum(tl.exp2((t - m_t_new) * scale), 0)
+            m_t = m_t_new
+
+    # z_t is 0 outside the KL term; 1 keeps its inverse and log finite there (both then go unused).
+    z_t = tl.where(selected, z_t, 1.0)
+    rzs = 1.0 / z_s
+    rzt = 1.0 / z_t
+    rz1 = 1.0 / z_1
+    # log p - log q = ((t - m_t) - (s - m_s)) / T - log_ratio, with log_ratio subtracted per element rather
+    # than after the sum: the summed terms are then as small as the gap between the distributions, which
+    # keeps several times more digits of a small KL (below ~1e-6 a row, fp32 loses it anyway, as torch does).
+    log_ratio = tl.log(z_t) - tl.log(z_s)
+    kl_coef = tl.full([], kl_weight, ACC) / tl.maximum(tl.load(counts_ptr).to(ACC), 1.0)
+    ce_coef = tl.full([], ce_weight, ACC) / tl.maximum(tl.load(counts_ptr + 1).to(ACC), 1.0)
+    ce_coef = tl.where(labelled, ce_coef, 0.0)
+
+    # Sweep 2: the gradient, with the one-hot term applied before the single rounding to the
+    # student's dtype (softmax(s)[label] - 1 cancels badly if rounded first), and the KL. Lanes past the end
+    # load the row max: finite, so no NaN is made and then masked away.
+    kl_acc = tl.zeros([BLOCK_V], dtype=ACC)
+    for start in range(0, V, BLOCK_V):
+        offs = start + cols
+        in_row = offs < V
+        s_c = tl.load(s_row + offs, mask=in_row, other=m_s).to(ACC) - m_s
+        es = tl.exp2(s_c * scale)
+        softmax1 = _softmax1_numerator(es, s_c, TEMP_POW) * rz1
+        g = ce_coef * (softmax1 - tl.where(offs == label, 1.0, 0.0))
+        if selected:
+            t_c = tl.load(t_row + offs, mask=in_row, other=m_t).to(ACC) - m_t
+            p = tl.exp2(t_c * scale) * rzt
+            g += kl_coef * (es * rzs - p)
+            kl_acc += tl.where(in_row, p * ((t_c - s_c) * inv_temp - log_ratio), 0.0)
+        tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+    s_label = tl.load(s_row + label, mask=labelled, other=0.0).to(ACC)
+    tl.store(kl_rows_ptr + row, tl.sum(kl_acc, 0))
+    tl.store(ce_rows_ptr + row, tl.where(labelled, tl.log(z_1) - (s_label - m_s), 0.0))
+
+
+@triton.jit
+def _triple_loss_cosine_kernel(
+    hs_ptr,  # [N, D] student hidden states, row-major
+    ht_ptr,  # [N, D] teacher hidden states, row-major
+    real_ptr,  # [N] uint8, 1 = not padding
+    counts_ptr,  # [3] int64: n_selected, n_labelled, n_real
+    grad_ptr,  # [N, D] out: d loss / d student hidden, student dtype
+    cos_rows_ptr,  # [N] ACC out: 1 - cos(h_s, h_t)
+    D,
+    cos_weight: tl.float64,  # alpha_cos
+    ACC: tl.constexpr,  # compute dtype: fp32, fp64 for fp64 inputs
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    hs_row = hs_ptr + row * D
+    ht_row = ht_ptr + row * D
+    g_row = grad_ptr + row * D
+    cols = tl.arange(0, BLOCK_D)
+
+    if tl.load(real_ptr + row) == 0:
+        for start in range(0, D, BLOCK_D):
+            tl.store(g_row + start + cols, 0.0, mask=start + cols < D)
+        tl.store(cos_rows_ptr + row, 0.0)
+        return
+
+    dot = tl.zeros([BLOCK_D], dtype=ACC)
+    ss = tl.zeros([BLOCK_D], dtype=ACC)
+    tt = tl.zeros([BLOCK_D], dtype=ACC)
+    for start in range(0, D, BLOCK_D):
+        offs = start + cols
+        in_row = offs < D
+        a = tl.load(hs_row + offs, mask=in_row, other=0.0).to(ACC)
+        b = tl.load(ht_row + offs, mask=in_row, other=0.0).to(ACC)
+        dot += a * b
+        ss += a * a
+        tt += b * b
+    ss_eps = tl.sum(ss, 0) + _COS_EPS
+    tt_eps = tl.sum(tt, 0) + _COS_EPS
+    # sqrt(ss) * sqrt(tt) rather than sqrt(ss * tt): the product of two large squared norms overflows fp32.
+    denom = tl.sqrt(ss_eps) * tl.sqrt(tt_eps)
+    cos = tl.sum(dot, 0) / denom
+    cos_coef = tl.full([], cos_weight, ACC) / tl.maximum(tl.load(counts_ptr + 2).to(ACC), 1.0)
+    # d(1 - cos)/d h_s = cos * h_s / |h_s|^2 - h_t / (|h_s| |h_t|)
+    ht_coef = -cos_coef / denom
+    hs_coef = cos_coef * cos / ss_eps
+    for start in range(0, D, BLOCK_D):
+        offs = start + cols
+        in_row = offs < D
+        a = tl.load(hs_row + offs, mask=in_row, other=0.0).to(ACC)
+        b = tl.load(ht_row + offs, mask=in_row, other=0.0).to(ACC)
+        tl.store(g_row + offs, (a * hs_coef + b * ht_coef).to(grad_ptr.dtype.element_ty), mask=in_row)
+    tl.store(cos_rows_ptr + row, 1.0 - cos)
+
+
+def _num_warps(block: int) -> int:
+    # 4 lanes of each [block] vector per thread: the logits kernel then needs about 60 registers at block
+    # 4096 (no spills; checked with ptxas for sm70/80/90), so one 32-warp program fills an SM's register
+    # file. Liger-Kernel's cross-entropy also runs 32 warps before Blackwell. Not timed: no GPU here yet.
+    return max(1, min(32, block // 128))
+
+
+def _device_guard(device: torch.device):
+    # Triton launches on the current CUDA device, which need not be the tensors' device.
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def triple_loss_forward(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float,
+    alpha_ce: float,
+    alpha_mlm: float,
+    alpha_cos: float,
+    restrict_ce_to_mask: bool,
+):
+    """fastdistil::_triple_loss_forward on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
+
+    Returns (loss, loss_ce, loss_mlm, loss_cos, grad_student_logits, grad_student_hidden): four fp32 0-dim
+    tensors (float64 for float64 inputs), then the gradients of loss in the shapes and dtypes of the student
+    tensors.
+    """
+    from fastdistil.triple_loss import check_inputs  # fastdistil imports this module; import lazily
+
+    check_inputs(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
+                 temperature, alpha_ce, alpha_mlm, alpha_cos)
+    vocab = student_logits.size(-1)
+    dim = student_hidden.size(-1)
+    n_rows = labels.numel()
+    s = student_logits.reshape(n_rows, vocab).contiguous()
+    t = teacher_logits.reshape(n_rows, vocab).contiguous()
+    hs = student_hidden.reshape(n_rows, dim).contiguous()
+    ht = teacher_hidden.reshape(n_rows, dim).contiguous()
+    flat_labels = labels.reshape(n_rows).contiguous()
+
+    real = attention_mask.reshape(n_rows) != 0
+    labelled = flat_labels != -100
+    selected = labelled if restrict_ce_to_mask else real
+    row_flags = torch.stack([selected, labelled, real]).view(torch.uint8)
+    counts = row_flags.sum(dim=1)  # int64 [3], stays on the device
+    float64 = s.dtype == torch.float64
+    loss_dtype = torch.float64 if float64 else torch.float32
+    acc = tl.float64 if float64 else tl.float32
+    partials = torch.empty((3, n_rows), dtype=loss_dtype, device=s.device)  # kl, ce, cos per row
+    grad_logits = torch.empty_like(s)
+    grad_hidden = torch.empty_like(hs)
+
+    block_v = min(triton.next_power_of_2(vocab), _MAX_BLOCK)
+    block_d = min(triton.next_power_of_2(dim), _MAX_BLOCK)
+    with _device_guard(s.device):
+        _triple_loss_logits_kernel[(n_rows,)](
+            s, t, flat_labels, row_flags[0], counts, grad_logits, partials[0], partials[1],
+            vocab, 1.0 / temperature, alpha_ce * temperature, alpha_mlm, ACC=acc,
+            TEMP_POW=int(temperature) if temperature in (1.0, 2.0) else 0,
+            BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        )
+        _triple_loss_cosine_kernel[(n_rows,)](
+            hs, ht, row_flags[2], counts, grad_hidden, partials[2], dim, alpha_cos, ACC=acc,
+            BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        )
+
+    # A term with no rows has a zero sum, so clamping its count to 1 gives 0 rather than NaN.
+    terms = partials.sum(dim=1, dtype=torch.float64) / counts.clamp_min(1)
+    loss_ce = terms[0] * (temperature * temperature)
+    loss_mlm = terms[1]
+    loss_cos = terms[2]
+    loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos
+    return (
+        loss.to(loss_dtype),
+        loss_ce.to(loss_dtype),
+        loss_mlm.to(loss_dtype),
+        loss_cos.to(loss_dtype),
+        grad_logits.view(student_logits.shape),
+        grad_hidden.view(student_hidden.shape),
+    )
+
+
+@triton.jit
+def _scale_gradient_kernel(
+    grad_ptr,  # [numel] contiguous gradient, scaled in place
+    scale_ptr,  # [1] grad_output of the loss
+    numel,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    scale = tl.load(scale_ptr).to(ACC)
+    # grad_output is 1 in most training loops: then nothing is read or written.
+    if scale != 1.0:
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        grad = tl.load(grad_ptr + offsets, mask=mask).to(ACC)
+        tl.store(grad_ptr + offsets, (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_gradient_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """fastdistil::_scale_gradient_ on CUDA: grad *= scale in place, in fp32 with one rounding, read from the
+    device so the host never waits."""
+    if not grad.is_contiguous():
+        raise ValueError("_scale_gradient_: grad must be contiguous")
+    if scale.numel() != 1:
+        raise ValueError(f"_scale_gradient_: scale must have one element, got shape {tuple(scale.shape)}")
+    if grad.numel() == 0:
+        return
+    block = 4096
+    with _device_guard(grad.device):
+        _scale_gradient_kernel[(triton.cdiv(grad.numel(), block),)](
+            grad, scale, grad.numel(), ACC=tl.float64 if grad.dtype == torch.float64 else tl.float32, BLOCK=block,
+        )
+
+
+@functools.cache
+def register_cuda_kernel() -> None:
+    """Makes triple_loss_forward the CUDA kernel of fastdistil::_triple_loss_forward (needs fastdistil._C,
+    which defines the schema). Idempotent: the dispatcher refuses a second Python kernel for the same key."""
+    torch.library.register_kernel("fastdistil::_triple_loss_forward", "cuda", triple_loss_forward)
+    torch.library.register_kernel("fastdistil::_scale_gradient_", "cuda", scale_gradient_)

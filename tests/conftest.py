@@ -1,0 +1,36 @@
+import pytest
+import torch
+from hypothesis import settings
+
+# Derandomized so that CI sees the same examples every run; `--hypothesis-profile=explore` searches.
+settings.register_profile("default", max_examples=30, deadline=None, derandomize=True, database=None)
+settings.register_profile("explore", max_examples=500, deadline=None)
+settings.load_profile("default")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def cpu_isa(request):
+    """Forces the kernel onto request.param's ISA for one test and restores the automatic choice after."""
+    from fastdistil import _C
+
+    _C.set_cpu_isa(request.param)
+    yield request.param
+    _C.set_cpu_isa("auto")

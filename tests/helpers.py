@@ -1,0 +1,136 @@
+"""Inputs, float64 ground truth and dtype-keyed comparisons shared by the triple-loss tests."""
+
+import math
+
+import torch
+
+import fastdistil
+
+# fp32 kernel against a float64 reference: error relative to the largest reference magnitude, so that the
+# many near-zero gradient entries of a 30k vocabulary do not need a per-element rtol.
+FP32_LOSS_RTOL = 1e-5
+FP32_GRAD_RTOL = 1e-5
+# In fp16/bf16 the kernel's error may be at most this times PyTorch's error at the same dtype (the
+# flash-attention rule), plus a floor at fp32 level: both compute in fp32, so their loss errors can be tiny.
+LOW_PRECISION_FACTOR = 2.0
+LOW_PRECISION_FLOOR = 2e-6
+
+TERMS = ("loss", "loss_ce", "loss_mlm", "loss_cos")
+GRADS = ("grad_student_logits", "grad_student_hidden")
+
+
+def make_inputs(lead=(41,), vocab=1001, dim=48, dtype=torch.float32, teacher_dtype=None, seed=0,
+                pad_frac=0.25, label_frac=0.15, labels_on_padding=False, mask_dtype=torch.bool,
+                logit_std=3.0):
+    """[s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask], student tensors as grad leaves.
+
+    [B, L] leads get right padding of random length (what a tokenizer produces), [N] leads random padding.
+    The teacher is correlated with the student, as after initialization from it, so the KL is not dominated
+    by two unrelated distributions.
+    """
+    teacher_dtype = teacher_dtype or dtype
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(*lead, vocab, generator=g) * logit_std
+    t = 0.6 * s + 0.8 * logit_std * torch.randn(*lead, vocab, generator=g)
+    hs = torch.randn(*lead, dim, generator=g)
+    ht = 0.5 * hs + torch.randn(*lead, dim, generator=g)
+    n = math.prod(lead)
+    if len(lead) == 2 and lead[1] > 0:
+        lengths = torch.randint(1, lead[1] + 1, (lead[0],), generator=g)
+        lengths = torch.where(torch.rand(lead[0], generator=g) < pad_frac, lengths, lead[1])
+        real = torch.arange(lead[1]).expand(*lead) < lengths[:, None]
+    else:
+        real = (torch.rand(n, generator=g) >= pad_frac).reshape(lead)
+    candidates = torch.ones(n, dtype=torch.bool) if labels_on_padding else real.reshape(-1)
+    pool = candidates.nonzero().flatten()
+    n_labels = min(len(pool), max(1, round(label_frac * len(pool)))) if label_frac > 0 else 0
+    chosen = pool[torch.randperm(len(pool), generator=g)[:n_labels]]
+    labels = torch.full((n,), -100, dtype=torch.long)
+    labels[chosen] = torch.randint(0, vocab, (n_labels,), generator=g)
+    return [
+        s.to(dtype).requires_grad_(),
+        t.to(teacher_dtype),
+        labels.reshape(lead),
+        hs.to(dtype).requires_grad_(),
+        ht.to(teacher_dtype),
+        real.to(mask_dtype),
+    ]
+
+
+def loss_and_grads(fn, inputs, grad_output=1.7, **kwargs):
+    """(four detached loss terms, (d/d student_logits, d/d student_hidden)) of grad_output * loss."""
+    out = fn(*inputs, **kwargs)
+    grads = torch.autograd.grad(out.loss, (inputs[0], inputs[3]),
+                                grad_outputs=torch.tensor(grad_output, dtype=out.loss.dtype))
+    return tuple(x.detach() for x in out), grads
+
+
+def upcast(inputs, dtype=torch.float64):
+    """The same (already rounded) values in a wider dtype, student tensors as fresh grad leaves."""
+    out = [x.detach().to(dtype) if x.is_floating_point() else x for x in inputs]
+    out[0].requires_grad_()
+    out[3].requires_grad_()
+    return out
+
+
+def reference64(inputs, grad_output=1.7, **kwargs):
+    return loss_and_grads(fastdistil.triple_loss_reference, upcast(inputs), grad_output, **kwargs)
+
+
+def _errors(actual, expected):
+    err = (actual.double() - expected.double()).abs()
+    scale = expected.double().abs().max().item() if expected.numel() else 0.0
+    return (err.max().item() if err.numel() else 0.0), scale
+
+
+def assert_close(actual, expected, rtol, name):
+    """max |actual - expected| <= rtol * max |expected|, where a loss term's scale is at least 1: 1 - cos of
+    nearly parallel vectors is ~1e-12 in float64 but only ~1e-8 in any fp32 computation."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    err, scale = _errors(actual, expected)
+    if expected.dim() == 0:
+        scale = max(scale, 1.0)
+    assert err <= rtol * scale, (
+        f"{name}: max abs error {err:.3e}, max rel error {err / max(scale, 1e-300):.3e} "
+        f"(allowed {rtol:.1e} of max |expected| = {scale:.3e})")
+
+
+def assert_within_pytorch_error(actual, pytorch, truth, name, floor=LOW_PRECISION_FLOOR):
+    """The flash-attention rule: actual's error against truth <= 2x PyTorch's own error + a small floor."""
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    err, scale = _errors(actual, truth)
+    err_pt, _ = _errors(pytorch, truth)
+    allowed = LOW_PRECISION_FACTOR * err_pt + floor * max(scale, 1.0 if actual.dim() == 0 else 0)
+    assert err <= allowed, (
+        f"{name}: max abs error {err:.3e} (rel {err / max(scale, 1e-300):.3e}) vs PyTorch's {err_pt:.3e} at "
+        f"the same dtype; allowed {allowed:.3e}")
+
+
+def check_against_reference(fn, inputs, grad_output=1.7, **kwargs):
+    """Loss terms and both gradients of fn against the float64 reference, with the student dtype's rule.
+
+    fp32: within FP32_*_RTOL of the largest magnitude, or else (cancellation: the cosine gradient of nearly
+    parallel vectors is ~1e-13 in float64 and ~1e-8 in fp32) within the 2x rule against PyTorch in fp32.
+    """
+    terms, grads = loss_and_grads(fn, inputs, grad_output, **kwargs)
+    terms64, grads64 = reference64(inputs, grad_output, **kwargs)
+    for name, term in zip(TERMS, terms):
+        assert term.dtype == torch.float32 and term.dim() == 0, f"{name}: {term.dtype}, shape {term.shape}"
+    for grad, x in zip(grads, (inputs[0], inputs[3])):
+        assert grad.dtype == x.dtype and grad.shape == x.shape, f"grad {grad.dtype} {grad.shape} of {x.dtype}"
+    names = TERMS + GRADS
+    pytorch = None
+    for i, (name, a, e) in enumerate(zip(names, terms + grads, terms64 + grads64)):
+        if inputs[0].dtype == torch.float32:
+            try:
+                assert_close(a, e, FP32_LOSS_RTOL if a.dim() == 0 else FP32_GRAD_RTOL, name)
+                continue
+            except AssertionError:
+                floor = 0.0
+        else:
+            floor = LOW_PRECISION_FLOOR
+        if pytorch is None:
+            pytorch = sum(loss_and_grads(fastdistil.triple_loss_reference, inputs, grad_output, **kwargs), ())
+        assert_within_pytorch_error(a, pytorch[i], e, name, floor)
+    return terms, grads

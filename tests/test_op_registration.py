@@ -1,0 +1,119 @@
+"""Registration: schema, fake kernel and autograd (opcheck), torch.compile, and the no-extension fallback."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastdistil
+from helpers import loss_and_grads, make_inputs
+
+OPS = torch.ops.fastdistil
+SCALARS = (1.5, 5.0, 2.0, 1.0, False)  # temperature, alpha_ce, alpha_mlm, alpha_cos, restrict
+
+
+def small_args(requires_grad):
+    inputs = [x.detach() for x in make_inputs((2, 5), 37, dim=8, label_frac=0.3)]
+    inputs[0].requires_grad_(requires_grad)
+    inputs[3].requires_grad_(requires_grad)
+    return tuple(inputs) + SCALARS
+
+
+@pytest.mark.parametrize("op, requires_grad", [
+    (OPS._triple_loss_forward.default, False),
+    (OPS.triple_loss.default, False),
+    (OPS.triple_loss.default, True),
+], ids=["forward-no-grad", "public-no-grad", "public-grad"])
+def test_opcheck(op, requires_grad):
+    # _triple_loss_forward's autograd scales its own gradient outputs in place, so with requires_grad it is only
+    # checked through the public op, which never exposes them.
+    torch.library.opcheck(op, small_args(requires_grad))
+
+
+def test_opcheck_out_variant():
+    args = small_args(False)
+    buffers = dict(grad_student_logits=torch.empty_like(args[0]),
+                   grad_student_hidden=torch.empty_like(args[3]))
+    torch.library.opcheck(OPS.triple_loss_out.default, args, buffers)
+
+
+def python_api(*inputs):
+    out = fastdistil.triple_loss(*inputs, temperature=1.5)
+    return out.loss * 1.7, out.loss_ce, out.loss_mlm, out.loss_cos
+
+
+def raw_op(*inputs):
+    loss, ce, mlm, cos = OPS.triple_loss(*inputs, *SCALARS)
+    return loss * 1.7, ce, mlm, cos
+
+
+def terms_and_grads(fn, inputs):
+    terms = fn(*inputs)
+    return [t.detach() for t in terms] + list(torch.autograd.grad(terms[0], (inputs[0], inputs[3])))
+
+
+@pytest.mark.parametrize("fn", [python_api, raw_op], ids=lambda f: f.__name__)
+def test_compile_fullgraph_matches_eager(fn):
+    inputs = make_inputs((2, 5), 37, dim=8, label_frac=0.3)
+    compiled = terms_and_grads(torch.compile(fn, fullgraph=True, dynamic=False), inputs)
+    eager = terms_and_grads(fn, inputs)
+    assert eager[4].abs().sum() > 0
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# --- without the compiled extension ---
+
+REPO = Path(__file__).resolve().parents[1]
+NO_EXTENSION = textwrap.dedent("""
+    import sys, warnings
+    import torch
+    sys.modules["fastdistil._C"] = None  # import fails, as with a torch the extension was not built against
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import fastdistil
+    from helpers import make_inputs
+    inputs = make_inputs((3, 5), 37, dim=8, label_frac=0.3)
+    out = fastdistil.triple_loss(*inputs, backend="auto", temperature=1.5)
+    (out.loss * 1.7).backward()
+    try:
+        fastdistil.triple_loss(*inputs, backend="cpp")
+        cpp_error = None
+    except RuntimeError as exc:
+        cpp_error = str(exc)
+    torch.save(dict(warnings=[(w.category.__name__, str(w.message)) for w in caught],
+                    terms=[t.detach() for t in out], grads=[inputs[0].grad, inputs[3].grad],
+                    cpp_error=cpp_error, has_ops=hasattr(torch.ops.fastdistil, "triple_loss")), sys.argv[1])
+""")
+
+
+def run_without_extension(tmp_path, require):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
+               FASTDISTIL_REQUIRE_EXTENSION=require)
+    return subprocess.run([sys.executable, "-c", NO_EXTENSION, str(tmp_path / "out.pt")], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_missing_extension_warns_and_falls_back_to_reference(tmp_path):
+    proc = run_without_extension(tmp_path, "0")
+    assert proc.returncode == 0, proc.stderr
+    result = torch.load(tmp_path / "out.pt", weights_only=True)
+    warnings = [message for category, message in result["warnings"] if category == "RuntimeWarning"]
+    assert any("fastdistil._C" in m and "pip install" in m and "FASTDISTIL_REQUIRE_EXTENSION" in m
+               for m in warnings), result["warnings"]
+    assert "pip install" in result["cpp_error"]
+    assert not result["has_ops"]
+    inputs = make_inputs((3, 5), 37, dim=8, label_frac=0.3)
+    terms, grads = loss_and_grads(fastdistil.triple_loss_reference, inputs, temperature=1.5)
+    for a, b in zip(result["terms"] + result["grads"], terms + grads):
+        assert torch.equal(a, b)
+
+
+def test_required_extension_missing_is_an_import_error(tmp_path):
+    proc = run_without_extension(tmp_path, "1")
+    assert proc.returncode != 0
+    assert "ImportError: fastdistil: the C++ extension fastdistil._C failed to load" in proc.stderr

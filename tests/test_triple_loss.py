@@ -1,0 +1,315 @@
+"""The CPU kernel (backend "cpp" / "auto") against the unfused reference: loss terms and both gradients."""
+
+import functools
+
+import pytest
+import torch
+
+import fastdistil
+from fastdistil import _C
+from helpers import (FP32_GRAD_RTOL, FP32_LOSS_RTOL, GRADS, TERMS, assert_close, assert_within_pytorch_error,
+                     check_against_reference, loss_and_grads, make_inputs, reference64)
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+cpp = functools.partial(fastdistil.triple_loss, backend="cpp")
+RAW_SCALARS = (2.0, 5.0, 2.0, 1.0, False)  # temperature, alpha_ce, alpha_mlm, alpha_cos, restrict
+
+
+# 41 rows is odd and not a multiple of the kernel's 4-row grain; (3, 14) is the [B, L] layout with padding
+# at the end of sequences; V = 30522 and 1001 leave a partial 16-lane vector at the end of every row.
+@pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
+# 1 and 2 take the kernel's exp-free path for the T = 1 softmax, 1.5 and 4 the general one.
+@pytest.mark.parametrize("temperature", [1.0, 1.5, 2.0, 4.0])
+@pytest.mark.parametrize("vocab", [30522, 1001])
+@pytest.mark.parametrize("lead", [(1,), (41,), (3, 14)], ids=str)
+def test_fp32_matches_reference(lead, vocab, temperature, restrict):
+    inputs = make_inputs(lead, vocab, dim=40)
+    check_against_reference(cpp, inputs, temperature=temperature, restrict_ce_to_mask=restrict)
+
+
+@pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
+@pytest.mark.parametrize("alphas", [(5.0, 2.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0),
+                                    (0.0, 0.0, 1.0), (0.3, 1.7, 2.5)], ids=str)
+def test_alphas(alphas, restrict):
+    alpha_ce, alpha_mlm, alpha_cos = alphas
+    terms, _ = check_against_reference(cpp, make_inputs((41,), 1001), alpha_ce=alpha_ce, alpha_mlm=alpha_mlm,
+                                       alpha_cos=alpha_cos, restrict_ce_to_mask=restrict)
+    if alphas == (0.0, 0.0, 0.0):
+        assert terms[0].item() == 0.0
+
+
+DTYPE_PAIRS = [(BF16, BF16), (BF16, FP32), (BF16, FP16), (FP16, FP16), (FP16, FP32), (FP16, BF16),
+               (FP32, BF16), (FP32, FP16)]
+
+
+@pytest.mark.parametrize("temperature, restrict", [(2.0, False), (1.5, True)])
+# Every student/teacher pair on the small [B, L] layout, the same-dtype pairs at the full vocabulary too.
+@pytest.mark.parametrize("dtype, teacher_dtype, lead, vocab",
+                         [pair + ((3, 14), 1001) for pair in DTYPE_PAIRS]
+                         + [(d, d, (41,), 30522) for d in (BF16, FP16)],
+                         ids=lambda v: str(v).removeprefix("torch."))
+def test_dtypes(dtype, teacher_dtype, lead, vocab, temperature, restrict):
+    # grad_output 2 is exact in every dtype, so this grid measures the kernel alone; rounding a
+    # non-power-of-two grad_output is test_low_precision_grad_output_scaling's subject.
+    inputs = make_inputs(lead, vocab, dtype=dtype, teacher_dtype=teacher_dtype)
+    check_against_reference(cpp, inputs, grad_output=2.0, temperature=temperature,
+                            restrict_ce_to_mask=restrict)
+
+
+@pytest.mark.parametrize("grad_output", [1.7, 1 / 3])
+@pytest.mark.parametrize("dtype", [BF16, FP16], ids=str)
+def test_low_precision_grad_output_scaling(dtype, grad_output):
+    # A gradient accumulated over k micro-batches backprops loss / k, so this is the common case in training.
+    # The op keeps only the 16-bit gradient of the forward (an fp32 copy would double its memory) and scales
+    # it in fp32 in backward: two roundings, so each element is within 2 unit roundoffs of the exact value,
+    # twice the single rounding of the unfused reference (which holds fp32 logits and gradients).
+    inputs = make_inputs((41,), 30522, dtype=dtype, seed=1)
+    _, grads = loss_and_grads(cpp, inputs, grad_output)
+    _, grads64 = reference64(inputs, grad_output)
+    unit_roundoff = torch.finfo(dtype).eps / 2
+    for name, grad, exact in zip(GRADS, grads, grads64):
+        err = (grad.double() - exact).abs()
+        # the floor covers fp32 arithmetic on entries that are ~0 and 16-bit subnormals
+        bound = 2 * unit_roundoff * exact.abs() + 1e-6 * exact.abs().max() + torch.finfo(dtype).tiny
+        worst = (err / bound).max().item()
+        assert worst <= 1.0, f"{name}: error reaches {worst:.2f}x the two-rounding bound"
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=str)
+@pytest.mark.parametrize("lead, vocab", [
+    ((1024,), 1001),
+    pytest.param((4, 256), 30522, marks=pytest.mark.slow),
+    pytest.param((2048,), 30522, marks=pytest.mark.slow),
+], ids=str)
+def test_many_rows(lead, vocab, dtype):
+    check_against_reference(cpp, make_inputs(lead, vocab, dim=768, dtype=dtype), grad_output=2.0)
+
+
+@pytest.mark.parametrize("temperature, vocab", [(1.0, 1001), (2.0, 13), (1.5, 1001), (4.0, 16)])
+@pytest.mark.parametrize("dtype", [FP32, BF16, FP16], ids=str)
+@pytest.mark.parametrize("cpu_isa", _C.supported_cpu_isas(), indirect=True)
+def test_every_cpu_isa(cpu_isa, dtype, temperature, vocab):
+    # V = 13 is only a tail, V = 16 exactly one vector; D = 37 leaves a tail in the cosine rows too.
+    assert _C.cpu_isa() == cpu_isa
+    inputs = make_inputs((3, 7), vocab, dim=37, dtype=dtype, label_frac=0.5)
+    check_against_reference(cpp, inputs, grad_output=2.0, temperature=temperature)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 1.5])
+def test_labels_at_row_ends(temperature):
+    # 1001 = 62 * 16 + 9: labels 991/992 sit on both sides of the vector/tail boundary.
+    inputs = make_inputs((6,), 1001, label_frac=0)
+    inputs[2].copy_(torch.tensor([0, 991, 992, 1000, -100, 500]))
+    check_against_reference(cpp, inputs, temperature=temperature)
+
+
+@pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
+def test_labels_on_padding_rows(restrict):
+    # The reference counts every label != -100 in the MLM term, padding or not.
+    inputs = make_inputs((41,), 1001, pad_frac=0.5, label_frac=0.4, labels_on_padding=True)
+    assert ((inputs[2] != -100) & ~inputs[5]).any()
+    check_against_reference(cpp, inputs, restrict_ce_to_mask=restrict)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.int32, torch.uint8], ids=str)
+def test_integer_attention_mask(mask_dtype):
+    # Hugging Face tokenizers return int64 masks; any non-zero value means a real token.
+    inputs = make_inputs((3, 14), 1001, mask_dtype=mask_dtype)
+    inputs[5] = inputs[5] * (3 if mask_dtype != torch.bool else 1)
+    check_against_reference(cpp, inputs)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "auto"])
+def test_backends(backend):
+    fn = functools.partial(fastdistil.triple_loss, backend=backend)
+    check_against_reference(fn, make_inputs((41,), 1001))
+
+
+def test_module_matches_functional():
+    inputs = make_inputs((3, 14), 1001)
+    kwargs = dict(temperature=1.5, alpha_ce=0.5, alpha_mlm=3.0, alpha_cos=0.25, restrict_ce_to_mask=True)
+    module = fastdistil.TripleLoss(**kwargs, backend="cpp")
+    # The module holds the parameters, so the keyword arguments reach only the reference.
+    terms, grads = check_against_reference(lambda *a, **_: module(*a), inputs, **kwargs)
+    terms_f, grads_f = loss_and_grads(cpp, inputs, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(terms + grads, terms_f + grads_f))
+    assert "temperature=1.5" in repr(module)
+
+
+# --- rows that contribute nothing ---
+
+
+@pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
+@pytest.mark.parametrize("lead", [(2, 5), (7,), (0,), (2, 0)], ids=str)
+def test_all_padding_gives_zero_loss_and_gradient(lead, restrict):
+    inputs = make_inputs(lead, 1001, pad_frac=1.0, label_frac=0)
+    inputs[5].zero_()
+    terms, grads = loss_and_grads(cpp, inputs, restrict_ce_to_mask=restrict)
+    assert [t.item() for t in terms] == [0.0] * 4
+    for grad in grads:
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_no_labels_gives_zero_mlm():
+    inputs = make_inputs((3, 14), 1001, label_frac=0)
+    terms, _ = check_against_reference(cpp, inputs)
+    assert terms[2].item() == 0.0 and terms[1].item() > 0
+
+
+def test_restrict_without_labels_gives_zero_ce():
+    inputs = make_inputs((3, 14), 1001, label_frac=0)
+    terms, grads = check_against_reference(cpp, inputs, restrict_ce_to_mask=True)
+    assert terms[1].item() == 0.0 and terms[2].item() == 0.0 and terms[3].item() > 0
+    assert torch.equal(grads[0], torch.zeros_like(grads[0]))
+
+
+# --- numerics ---
+
+
+def extreme_logits(vocab, dtype):
+    """Rows spanning 2e4: alternating +-1e4, a linear ramp, one spike, a constant row, two tied maxima."""
+    s = torch.zeros(6, vocab)
+    s[0] = torch.where(torch.arange(vocab) % 2 == 0, 1e4, -1e4)
+    s[1] = torch.linspace(-1e4, 1e4, vocab)
+    s[2, vocab // 3] = 1e4
+    s[3] = -1e4
+    s[4, [3, vocab - 1]] = 1e4
+    s[5] = torch.randn(vocab) * 3
+    t = s.flip(-1).clone()
+    t[5] = 1e4 * torch.randn(vocab).sign()
+    return s.to(dtype), t.to(dtype)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 1.5])
+@pytest.mark.parametrize("dtype", [FP32, BF16, FP16], ids=str)
+def test_extreme_logits(dtype, temperature):
+    inputs = make_inputs((6,), 1001, dtype=dtype, pad_frac=0)
+    s, t = extreme_logits(1001, dtype)
+    inputs[0], inputs[1] = s.requires_grad_(), t
+    # labels on the minimum of a +-1e4 row (CE = 2e4), the maximum of the ramp, the spike's neighbour
+    inputs[2] = torch.tensor([1, 1000, 1001 // 3 + 1, 7, 1000, -100])
+    terms, _ = check_against_reference(cpp, inputs, grad_output=2.0, temperature=temperature)
+    assert terms[2].item() > 1e3
+
+
+def test_hidden_states_with_a_dtype_of_their_own():
+    # check_against_reference asserts that each gradient has its input's dtype and shape.
+    inputs = make_inputs((3, 14), 1001, dtype=BF16, teacher_dtype=FP32)
+    inputs[3] = inputs[3].detach().float().requires_grad_()
+    inputs[4] = inputs[4].to(FP16)
+    check_against_reference(cpp, inputs, grad_output=2.0)
+
+
+def test_only_loss_carries_gradient_and_teacher_gets_none():
+    inputs = make_inputs((41,), 1001)
+    inputs[1].requires_grad_()
+    inputs[4].requires_grad_()
+    out = cpp(*inputs)
+    assert out.loss.requires_grad
+    assert not any(t.requires_grad for t in out[1:])
+    out.loss.backward()
+    assert inputs[1].grad is None and inputs[4].grad is None
+    assert inputs[0].grad is not None and inputs[3].grad is not None
+
+
+def test_non_contiguous_inputs():
+    s0, t0, labels0, hs0, ht0, mask0 = (x.detach() for x in make_inputs((41,), 1001))
+    inputs = [
+        s0.t().contiguous().t().requires_grad_(),                   # column-major
+        torch.cat([t0, t0], dim=1)[:, ::2],                          # strided columns
+        torch.stack([labels0, labels0], dim=1)[:, 0],                # stride 2
+        hs0.t().contiguous().t().requires_grad_(),
+        torch.cat([ht0, ht0], dim=0)[41:],                           # offset view
+        torch.stack([mask0, mask0], dim=1)[:, 1],
+    ]
+    assert not any(x.is_contiguous() for x in inputs if x is not inputs[4])
+    check_against_reference(cpp, inputs)
+    # stride 0: every row reads the same memory
+    inputs[0] = s0[:1].expand(41, 1001).detach().requires_grad_()
+    check_against_reference(cpp, inputs)
+
+
+def test_result_independent_of_thread_count():
+    inputs = make_inputs((3, 14), 30522, dtype=BF16)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(loss_and_grads(cpp, inputs))
+    finally:
+        torch.set_num_threads(threads)
+    (terms1, grads1), (terms2, grads2) = results
+    for a, b in zip(terms1 + grads1, terms2 + grads2):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("grad_output", [1.0, 1.7])
+def test_second_backward_through_the_graph(grad_output):
+    inputs = make_inputs((41,), 1001)
+    _, (expected, _) = reference64(inputs, grad_output=grad_output)
+    loss = cpp(*inputs).loss * grad_output
+    loss.backward(retain_graph=True)
+    assert_close(inputs[0].grad, expected, FP32_GRAD_RTOL, "first backward")
+    # The saved gradient is scaled in place; reusing it must fail loudly, never yield grad_output^2 scaling.
+    try:
+        loss.backward()
+    except RuntimeError:
+        return
+    assert_close(inputs[0].grad, 2 * expected, FP32_GRAD_RTOL, "accumulated gradient of two backwards")
+
+
+# --- the raw ops ---
+
+
+def raw_args(inputs):
+    return [x.detach() for x in inputs] + list(RAW_SCALARS)
+
+
+def test_forward_op_returns_reference_gradients():
+    inputs = make_inputs((3, 14), 1001)
+    out = torch.ops.fastdistil._triple_loss_forward(*raw_args(inputs))
+    terms64, grads64 = reference64(inputs, grad_output=1.0)
+    for name, a, e in zip(TERMS + GRADS, out, terms64 + grads64):
+        assert_close(a, e, FP32_LOSS_RTOL if a.dim() == 0 else FP32_GRAD_RTOL, name)
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=str)
+def test_triple_loss_out_writes_forward_gradients(dtype):
+    inputs = make_inputs((3, 14), 1001, dtype=dtype)
+    args = raw_args(inputs)
+    # NaN first: every element, padding rows included, must be written.
+    grad_logits = torch.full_like(args[0], float("nan"))
+    grad_hidden = torch.full_like(args[3], float("nan"))
+    terms = torch.ops.fastdistil.triple_loss_out(*args, grad_student_logits=grad_logits,
+                                                 grad_student_hidden=grad_hidden)
+    expected = torch.ops.fastdistil._triple_loss_forward(*args)
+    for a, b in zip(tuple(terms) + (grad_logits, grad_hidden), expected):
+        assert torch.equal(a, b)
+    terms64, grads64 = reference64(inputs, grad_output=1.0)
+    for name, a, e in zip(TERMS, terms, terms64):
+        assert_close(a, e, FP32_LOSS_RTOL, name)
+    for name, a, e in zip(GRADS, (grad_logits, grad_hidden), grads64):
+        # Rounding the exact gradient once is what PyTorch's autograd delivers in a 16-bit dtype.
+        assert_within_pytorch_error(a, e.to(dtype), e, name)
+
+
+@pytest.mark.parametrize("which, bad", [
+    ("grad_student_logits", lambda x: x[:, :-1].clone()),
+    ("grad_student_logits", lambda x: x.to(torch.bfloat16)),
+    ("grad_student_logits", lambda x: x.t().contiguous().t()),
+    ("grad_student_logits", "alias"),
+    ("grad_student_hidden", lambda x: x[:-1].clone()),
+    ("grad_student_hidden", lambda x: x.double()),
+], ids=["logits-shape", "logits-dtype", "logits-strided", "logits-alias", "hidden-shape", "hidden-dtype"])
+def test_triple_loss_out_rejects_bad_buffers_without_writing(which, bad):
+    args = raw_args(make_inputs((41,), 1001))
+    buffers = {"grad_student_logits": torch.full_like(args[0], 7.0),
+               "grad_student_hidden": torch.full_like(args[3], 7.0)}
+    source = args[0] if which == "grad_student_logits" else args[3]
+    buffers[which] = args[0] if bad == "alias" else bad(torch.full_like(source, 7.0))
+    before = {k: v.clone() for k, v in buffers.items()}
+    with pytest.raises(RuntimeError, match=which):
+        torch.ops.fastdistil.triple_loss_out(*args, **buffers)
+    for k in buffers:
+        assert torch.equal(buffers[k], before[k]), f"{k} was written"

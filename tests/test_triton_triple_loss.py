@@ -1,0 +1,201 @@
+"""The Triton triple loss (kernels/triple_loss.py) against the unfused reference.
+
+The small cases run on the GPU when there is one, and otherwise on CPU tensors in Triton's interpreter, which
+is slow: shapes stay small, and the multi-block paths (online softmax across blocks, tails) are reached by
+shrinking the block size instead of growing the vocabulary. The full-size comparison runs only on CUDA.
+"""
+
+import functools
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Read when @triton.jit runs, i.e. when fastdistil.kernels.triple_loss is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+import fastdistil  # noqa: E402
+from fastdistil import extension  # noqa: E402
+from fastdistil.kernels import triple_loss as kernel_module  # noqa: E402
+from fastdistil.kernels.triple_loss import register_cuda_kernel, triple_loss_forward  # noqa: E402
+from helpers import TERMS, check_against_reference, make_inputs  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = not isinstance(kernel_module._triple_loss_logits_kernel, triton.runtime.JITFunction)
+triton_loss = functools.partial(fastdistil.triple_loss, backend="triton")
+
+
+def inputs_on_device(**make_kwargs):
+    return [x.detach().to(DEVICE).requires_grad_(x.requires_grad) for x in make_inputs(**make_kwargs)]
+
+
+def check(inputs, **loss_kwargs):
+    """check_against_reference, backpropagating 1.7 * loss in fp32. In fp16/bf16 the backward scales a
+    gradient the forward already rounded to the student's dtype, a second rounding (up to ~1.5 ulp in all)
+    that the reference's single rounding does not make, so there the kernel's own error is measured, at
+    grad_output 1."""
+    grad_output = 1.7 if inputs[0].dtype == torch.float32 else 1.0
+    return check_against_reference(triton_loss, inputs, grad_output=grad_output, **loss_kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _kernels_runnable():
+    if not torch.cuda.is_available() and not INTERPRETED:
+        pytest.fail("fastdistil.kernels was imported before TRITON_INTERPRET=1 was set, so its kernels were "
+                    "compiled for a GPU this machine lacks; set TRITON_INTERPRET=1 in the environment")
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 128 elements, so that V = 1001 spans eight (online rescaling, a partial last block) and
+    D = 200 two."""
+    monkeypatch.setattr(kernel_module, "_MAX_BLOCK", 128)
+
+
+CASES = [
+    # id, make_inputs kwargs, triple_loss kwargs
+    ("BLV-default", dict(lead=(3, 7)), dict()),
+    ("BLV-restrict", dict(lead=(3, 7)), dict(restrict_ce_to_mask=True)),
+    ("NV-T1", dict(vocab=257), dict(temperature=1.0)),
+    ("NV-T4-restrict", dict(vocab=257), dict(temperature=4.0, restrict_ce_to_mask=True)),
+    ("T1.5-alphas", dict(lead=(2, 9)), dict(temperature=1.5, alpha_ce=2.5, alpha_mlm=0.5, alpha_cos=3.0)),
+    ("ce-only", dict(vocab=257), dict(alpha_ce=1.0, alpha_mlm=0.0, alpha_cos=0.0)),
+    ("mlm-only", dict(vocab=257), dict(temperature=1.5, alpha_ce=0.0, alpha_mlm=1.0, alpha_cos=0.0)),
+    ("cos-only", dict(vocab=257), dict(alpha_ce=0.0, alpha_mlm=0.0, alpha_cos=1.0)),
+    ("labels-on-padding", dict(vocab=257, pad_frac=0.5, labels_on_padding=True), dict()),
+    ("int64-mask", dict(lead=(3, 7), mask_dtype=torch.int64), dict(temperature=1.0)),
+    ("V1", dict(vocab=1, dim=3), dict()),
+    ("V5", dict(vocab=5, dim=3), dict(temperature=1.5, restrict_ce_to_mask=True)),
+    ("no-rows", dict(lead=(2, 0), vocab=7, dim=3), dict()),
+    ("fp16-BLV", dict(lead=(3, 7), dtype=torch.float16), dict()),
+    ("fp16-T1", dict(dtype=torch.float16), dict(temperature=1.0)),
+    ("fp16-T1.5-restrict", dict(vocab=257, dtype=torch.float16),
+     dict(temperature=1.5, restrict_ce_to_mask=True)),
+    ("fp16-student-fp32-teacher", dict(vocab=257, dtype=torch.float16, teacher_dtype=torch.float32),
+     dict(temperature=4.0)),
+]
+
+
+@pytest.mark.parametrize("make_kwargs, loss_kwargs", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_matches_reference(make_kwargs, loss_kwargs):
+    check(inputs_on_device(**make_kwargs), **loss_kwargs)
+
+
+@pytest.mark.parametrize("dtype, loss_kwargs", [
+    (torch.float32, dict()),
+    (torch.float32, dict(temperature=1.5, restrict_ce_to_mask=True)),
+    (torch.float16, dict(temperature=1.0)),
+], ids=["fp32-T2", "fp32-T1.5-restrict", "fp16-T1"])
+def test_matches_reference_across_blocks(small_blocks, dtype, loss_kwargs):
+    check(inputs_on_device(lead=(2, 11), dim=200, dtype=dtype), **loss_kwargs)
+
+
+@pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_extreme_logits(dtype, restrict):
+    """Logits of +-1e4 (the softmaxes are one-hot, the KL is ~1e4 T^2) stay finite and exact."""
+    inputs = inputs_on_device(lead=(3, 5), vocab=257, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    for i in (0, 1):
+        spikes = torch.randint(-1, 2, inputs[i].shape, generator=g) * 1e4
+        inputs[i] = (inputs[i].detach() + spikes.to(DEVICE, dtype)).requires_grad_(i == 0)
+    terms, _ = check(inputs, restrict_ce_to_mask=restrict)
+    assert terms[1] > 1e3
+
+
+@pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
+@pytest.mark.parametrize("case", ["all-padding", "no-labels"])
+def test_empty_selections_give_zero(case, restrict):
+    """A term without rows is 0 with a zero gradient, never NaN; a batch of padding is 0 altogether."""
+    if case == "all-padding":
+        inputs = inputs_on_device(lead=(2, 6), vocab=257, pad_frac=1.0, label_frac=0.0)
+        inputs[5] = torch.zeros_like(inputs[5])
+    else:
+        inputs = inputs_on_device(lead=(2, 6), vocab=257, label_frac=0.0)
+    assert (inputs[2] == -100).all()
+    terms, grads = check(inputs, restrict_ce_to_mask=restrict)
+    assert terms[2] == 0
+    if case == "all-padding" or restrict:
+        assert terms[1] == 0
+    if case == "all-padding":
+        assert all(term == 0 for term in terms)
+        assert all((grad == 0).all() for grad in grads)
+
+
+def test_inputs_untouched_and_strided_inputs_accepted():
+    """Non-contiguous inputs give the results of their contiguous copies, and no input is written."""
+    inputs = inputs_on_device(lead=(2, 6), vocab=257)
+    wide = torch.randn(2, 6, 300, device=DEVICE)
+    wide[..., :257] = inputs[0].detach()
+    strided = [wide[..., :257].requires_grad_(), inputs[1].transpose(0, 1).contiguous().transpose(0, 1),
+               inputs[2], inputs[3].detach().clone().requires_grad_(), inputs[4], inputs[5]]
+    before = [x.detach().clone() for x in strided]
+    contiguous = triple_loss_forward(*[x.detach().contiguous() for x in strided], 2.0, 5.0, 2.0, 1.0, False)
+    out = triple_loss_forward(*[x.detach() for x in strided], 2.0, 5.0, 2.0, 1.0, False)
+    for a, b in zip(out, contiguous):
+        assert torch.equal(a, b)
+    assert out[4].is_contiguous() and out[4].shape == inputs[0].shape
+    for x, x0 in zip(strided, before):
+        assert torch.equal(x.detach(), x0)
+
+
+@pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
+def test_float64_matches_reference_and_passes_gradcheck(restrict):
+    """float64 inputs (for gradient checks) are computed in float64 and give float64 loss terms."""
+    inputs = inputs_on_device(lead=(2, 3), vocab=7, dim=5, dtype=torch.float64, label_frac=0.5)
+    s, t, labels, hs, ht, mask = inputs
+    kwargs = dict(temperature=1.5, restrict_ce_to_mask=restrict)
+    reference = fastdistil.triple_loss_reference(*inputs, **kwargs)
+    for name, a, b in zip(TERMS, triton_loss(*inputs, **kwargs), reference):
+        assert a.dtype == torch.float64, name
+        torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-12, msg=name)
+
+    def loss(s, hs):
+        return triton_loss(s, t, labels, hs, ht, mask, **kwargs).loss
+
+    # fast_mode: a few random directions instead of one interpreted launch per input element
+    assert torch.autograd.gradcheck(loss, (s, hs), fast_mode=True)
+
+
+@pytest.mark.skipif(not extension.AVAILABLE, reason="needs fastdistil._C")
+@pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
+def test_agrees_with_cpp_kernel(restrict):
+    """Both kernels implement fastdistil::_triple_loss_forward; at T = 1.5 neither takes the es^T shortcut."""
+    inputs = [x.detach() for x in make_inputs(lead=(3, 7), vocab=257, labels_on_padding=True)]
+    scalars = (1.5, 5.0, 2.0, 1.0, restrict)
+    for name, a, b in zip(TERMS + ("grad_logits", "grad_hidden"),
+                          triple_loss_forward(*[x.to(DEVICE) for x in inputs], *scalars),
+                          torch.ops.fastdistil._triple_loss_forward(*inputs, *scalars)):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.skipif(not extension.AVAILABLE, reason="needs fastdistil._C (it defines the op's schema)")
+def test_register_cuda_kernel_is_idempotent():
+    register_cuda_kernel()
+    register_cuda_kernel()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_full_size_on_cuda(dtype, restrict):
+    """DistilBERT's shape: 2048 tokens (16 x 128), V = 30522, D = 768; deterministic, and the same through the
+    dispatcher (torch.ops.fastdistil.triple_loss) as through the launcher."""
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    inputs = inputs_on_device(lead=(16, 128), vocab=30522, dim=768, dtype=dtype)
+    check(inputs, restrict_ce_to_mask=restrict)
+
+    args = (*[x.detach() for x in inputs], 2.0, 5.0, 2.0, 1.0, restrict)
+    first = triple_loss_forward(*args)
+    for a, b in zip(first, triple_loss_forward(*args)):
+        assert torch.equal(a, b)
+    if extension.AVAILABLE:
+        register_cuda_kernel()
+        for a, b in zip(first, torch.ops.fastdistil._triple_loss_forward(*args)):
+            assert torch.equal(a, b)
