@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include "cpu_isa.h"
+#include "gradient_buffer.h"
 
 namespace fastdistil {
 
@@ -64,4 +65,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_isa", &fastdistil::set_cpu_isa,
         "Force the CPU kernels onto 'avx512', 'avx2' or 'scalar' (for tests), or 'auto' for the best this CPU runs.");
   m.def("supported_cpu_isas", &fastdistil::supported_cpu_isas, "Instruction sets this CPU can run.");
+  m.def("release_gradient_cache", &fastdistil::release_gradient_cache,
+        "Frees the idle [N, V] gradient buffer the CPU op keeps between steps; returns its size in bytes.");
+  m.def("gradient_cache_bytes", &fastdistil::gradient_cache_bytes, "Bytes held by the idle gradient buffer.");
 }

@@ -1,7 +1,10 @@
 // What the CPU op (triple_loss_cpu.cpp) hands the per-ISA row kernels (triple_loss_rows_<isa>.cpp).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/Dispatch.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdint>

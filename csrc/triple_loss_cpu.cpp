@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "gradient_buffer.h"
 #include "triple_loss.h"
 
 namespace fastdistil {
@@ -222,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& student_hidden, const at::Tensor& teacher_hidden, const at::Tensor& attention_mask,
     double temperature, double alpha_ce, double alpha_mlm, double alpha_cos, bool restrict_ce_to_mask) {
   // Every element of both gradients is written by the kernel, so no zero fill.
-  auto grad_logits = at::empty(student_logits.sizes(), student_logits.options().memory_format(at::MemoryFormat::Contiguous));
+  auto grad_logits = gradient_buffer(student_logits.sizes(), student_logits.options());
   auto grad_hidden = at::empty(student_hidden.sizes(), student_hidden.options().memory_format(at::MemoryFormat::Contiguous));
   auto [loss, loss_ce, loss_mlm, loss_cos] =
       triple_loss_out_cpu(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,

@@ -27,9 +27,9 @@ static constexpr int64_t kLanes = FASTDISTIL_VECTOR_BYTES / 4;
 
 FASTDISTIL_INLINE vf splat(float x) { return vf{} + x; }
 
-FASTDISTIL_INLINE vf select(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+FASTDISTIL_INLINE vf select(vi mask, vf a, vf b) { return mask ? a : b; }
 
-FASTDISTIL_INLINE vf vmax(vf a, vf b) { return select(a > b, a, b); }
+FASTDISTIL_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
 
 FASTDISTIL_INLINE double hsum(vf v) {
   double acc = 0.0;
@@ -43,26 +43,26 @@ FASTDISTIL_INLINE float hmax(vf v) {
   return m;
 }
 
-// exp(x) for x <= 88.7; about 1 ulp (Cephes expf). Below -87.3 the result is exactly 0, as float exp gives.
-FASTDISTIL_INLINE vf vexp(vf x) {
-  const vf lo = splat(-87.3365447f);
-  vi underflow = x < lo;
-  x = vmax(x, lo);
+static constexpr float kLog2e = 1.44269504088896341f;
+
+// 2^y for y <= 127, within 2 ulp; exactly 0 below -127 (and for -inf), where float exp underflows too: the
+// clamp makes the exponent field 0. Base 2 lets the callers fold log2(e) and 1/T into the one FMA that
+// centres the logits.
+FASTDISTIL_INLINE vf vexp2(vf y) {
+  y = vmax(y, splat(-127.0f));
   const vf round_magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to the nearest integer
-  vf t = x * 1.44269504088896341f + round_magic;
-  vi n = (vi)t - (vi)round_magic;
-  vf fn = t - round_magic;
-  vf r = x - fn * 0.693359375f;
-  r = r - fn * -2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  vf scale = (vf)((n + 127) << 23);
-  return select(underflow, splat(0.0f), p * scale);
+  vf shifted = y + round_magic;
+  vi n = (vi)shifted - (vi)round_magic;
+  vf f = y - (shifted - round_magic);  // in [-0.5, 0.5]
+  // 2^f = e^(f ln2): Taylor to degree 6, relative error below 1.3e-7 on [-0.5, 0.5]
+  vf p = splat(1.5403530393381609e-4f);
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  return p * (vf)((n + 127) << 23);
 }
 
 // Loads and stores of one vector, converting to and from fp32. Half and bfloat16 use the same rounding as c10
@@ -148,7 +148,7 @@ template <int TPow>
 FASTDISTIL_INLINE vf softmax1_numerator(vf es, vf s_centred) {
   if constexpr (TPow == 1) return es;
   if constexpr (TPow == 2) return es * es;
-  return vexp(s_centred);
+  return vexp2(s_centred * kLog2e);
 }
 
 struct RowResult {
@@ -158,93 +158,98 @@ struct RowResult {
 
 // One logit row. `kl_coef` = alpha_ce * T / n_selected and `ce_coef` = alpha_mlm / n_labelled are the weights of
 // the two gradient terms (zero when the row is not selected / not labelled). scratch holds 2 * V floats.
+// s_next/t_next (the next row of this thread, or null) are prefetched during sweep B, which is compute bound,
+// so the next row's sweep A does not wait for DRAM.
 template <int TPow, typename S, typename T>
 static RowResult logits_row(const S* s, const T* t, S* grad, int64_t V, int64_t label, bool selected,
-                            bool labelled, float inv_temp, float kl_coef, float ce_coef, float* scratch) {
+                            bool labelled, float inv_temp, float kl_coef, float ce_coef, float* scratch,
+                            const S* s_next, const T* t_next) {
   const int64_t full = V / kLanes * kLanes;
   const int64_t rest = V - full;
-  const float neg_inf = -std::numeric_limits<float>::infinity();
+  // Tail lanes past V: the lowest float, not -inf, so that exp gives 0 and t - s gives 0 rather than NaN.
+  const float pad = std::numeric_limits<float>::lowest();
   float* es_buf = scratch;
   float* et_buf = scratch + V;
 
   // A. maxima
-  vf ms_v = splat(neg_inf), mt_v = splat(neg_inf);
+  vf ms_v = splat(pad), mt_v = splat(pad);
   for (int64_t i = 0; i < full; i += kLanes) {
     ms_v = vmax(ms_v, vload(s + i));
     if (selected) mt_v = vmax(mt_v, vload(t + i));
   }
   if (rest) {
-    ms_v = vmax(ms_v, load_tail(s + full, rest, neg_inf));
-    if (selected) mt_v = vmax(mt_v, load_tail(t + full, rest, neg_inf));
+    ms_v = vmax(ms_v, load_tail(s + full, rest, pad));
+    if (selected) mt_v = vmax(mt_v, load_tail(t + full, rest, pad));
   }
   const float ms = hmax(ms_v), mt = hmax(mt_v);
 
-  // B. exponentials and their sums; padded tail lanes are exp(-inf) = 0 and add nothing.
-  vf zs_v = splat(0.f), zt_v = splat(0.f), z1_v = splat(0.f);
+  // B. es = exp((s - ms)/T) = 2^((s - ms) * c) and et likewise, their sums, and the unnormalized KL sum
+  // sum et * ((t - mt) - (s - ms)), which p = et/Zt turns into the KL below. The logits are centred before
+  // anything else: s - ms is exact where it matters (near the maximum), whatever the logits' magnitude.
+  const vf c = splat(inv_temp * kLog2e);
+  vf zs_v = splat(0.f), zt_v = splat(0.f), z1_v = splat(0.f), kl_v = splat(0.f);
   auto exponentials = [&](vf sv, vf tv, float* es_dst, float* et_dst) __attribute__((always_inline)) {
     vf sc = sv - ms;
-    vf es = vexp(sc * inv_temp);
+    vf es = vexp2(sc * c);
     vstore(es_dst, es);
     zs_v += es;
     if (labelled) z1_v += softmax1_numerator<TPow>(es, sc);
     if (selected) {
-      vf et = vexp((tv - mt) * inv_temp);
+      vf tc = tv - mt;
+      vf et = vexp2(tc * c);
       vstore(et_dst, et);
       zt_v += et;
+      kl_v += et * (tc - sc);
     }
   };
+  constexpr int64_t kLine = 64 / sizeof(float);  // one prefetch per cache line of fp32 (more for 16-bit: harmless)
   for (int64_t i = 0; i < full; i += kLanes) {
+    if (s_next && i % kLine == 0) {
+      __builtin_prefetch(s_next + i, 0, 1);
+      __builtin_prefetch(t_next + i, 0, 1);
+    }
     exponentials(vload(s + i), selected ? vload(t + i) : vf{}, es_buf + i, et_buf + i);
   }
   // scratch holds exactly V floats per tensor, so the tail's lanes go to buffers of their own.
   float es_tail[kLanes], et_tail[kLanes];
   if (rest) {
-    exponentials(load_tail(s + full, rest, neg_inf), selected ? load_tail(t + full, rest, neg_inf) : vf{},
-                 es_tail, et_tail);
+    exponentials(load_tail(s + full, rest, pad), selected ? load_tail(t + full, rest, pad) : vf{}, es_tail,
+                 et_tail);
     for (int64_t j = 0; j < rest; ++j) {
       es_buf[full + j] = es_tail[j];
       if (selected) et_buf[full + j] = et_tail[j];
     }
   }
   const double zs = hsum(zs_v), zt = selected ? hsum(zt_v) : 1.0, z1 = labelled ? hsum(z1_v) : 1.0;
-  const float rzs = static_cast<float>(1.0 / zs), rzt = static_cast<float>(1.0 / zt),
-              rz1 = static_cast<float>(1.0 / z1);
 
-  // C. gradient, and kl_v = sum of p * ((t - mt) - (s - ms)) / T.
-  vf kl_v = splat(0.f);
-  auto gradient = [&](vf sv, vf tv, const float* es_src, const float* et_src, vi valid) __attribute__((always_inline)) {
-    vf es = vload(es_src);
+  // C. the gradient, from the exponentials alone: kl_coef * (es/Zs - et/Zt) + ce_coef * softmax(s).
+  const vf q_coef = splat(static_cast<float>(kl_coef / zs)), p_coef = splat(static_cast<float>(kl_coef / zt));
+  const vf sm_coef = splat(static_cast<float>(ce_coef / z1));
+  // sv is read only by the general-temperature path, whose softmax(s) needs an exp of its own.
+  auto gradient = [&](vf es, vf et, vf sv) __attribute__((always_inline)) {
     vf g = splat(0.f);
-    if (selected) {
-      vf p = vload(et_src) * rzt;
-      g = (es * rzs - p) * kl_coef;
-      kl_v += select(valid, p * (((tv - mt) - (sv - ms)) * inv_temp), splat(0.f));
-    }
-    if (labelled) g += softmax1_numerator<TPow>(es, sv - ms) * (rz1 * ce_coef);
+    if (selected) g = es * q_coef - et * p_coef;
+    if (labelled) g += softmax1_numerator<TPow>(es, sv - ms) * sm_coef;
     return g;
   };
-  const vi all = lanes_below(kLanes);
+  constexpr bool reads_s = TPow == 0;
   for (int64_t i = 0; i < full; i += kLanes) {
-    vstore(grad + i, gradient(vload(s + i), selected ? vload(t + i) : vf{}, es_buf + i, et_buf + i, all));
+    vf sv = reads_s && labelled ? vload(s + i) : vf{};
+    vstore(grad + i, gradient(vload(es_buf + i), selected ? vload(et_buf + i) : vf{}, sv));
   }
   if (rest) {
-    vf g = gradient(load_tail(s + full, rest, 0.f), selected ? load_tail(t + full, rest, 0.f) : vf{}, es_tail,
-                    et_tail, lanes_below(rest));
-    store_tail(grad + full, rest, g);
+    vf sv = reads_s && labelled ? load_tail(s + full, rest, pad) : vf{};
+    store_tail(grad + full, rest, gradient(vload(es_tail), selected ? vload(et_tail) : vf{}, sv));
   }
 
   RowResult out;
-  if (selected) out.kl = hsum(kl_v) - std::log(zt) + std::log(zs);
+  if (selected) out.kl = hsum(kl_v) * inv_temp / zt - std::log(zt) + std::log(zs);
   if (labelled) {
     const float s_label = static_cast<float>(s[label]);
     out.ce = std::log(z1) - static_cast<double>(s_label - ms);
     // The one-hot term of the cross-entropy gradient, applied to the fp32 value before the single rounding.
-    float es = es_buf[label];
-    float g = 0.f;
-    if (selected) g = (es * rzs - et_buf[label] * rzt) * kl_coef;
-    vf num = softmax1_numerator<TPow>(splat(es), splat(s_label - ms));
-    g += num[0] * (rz1 * ce_coef) - ce_coef;
-    grad[label] = static_cast<S>(g);
+    vf g = gradient(splat(es_buf[label]), splat(selected ? et_buf[label] : 0.f), splat(s_label));
+    grad[label] = static_cast<S>(g[0] - ce_coef);
   }
   return out;
 }
@@ -299,8 +304,10 @@ static void logits_rows(const RowsArgs& a, int64_t begin, int64_t end, float* sc
       for (int64_t i = 0; i < a.V; ++i) g[off + i] = S(0);
       continue;
     }
+    const bool last = r + 1 == end;
     RowResult res = logits_row<TPow>(s + off, t + off, g + off, a.V, label, selected, labelled, a.inv_temp,
-                                     selected ? a.kl_coef : 0.f, labelled ? a.ce_coef : 0.f, scratch);
+                                     selected ? a.kl_coef : 0.f, labelled ? a.ce_coef : 0.f, scratch,
+                                     last ? nullptr : s + off + a.V, last ? nullptr : t + off + a.V);
     a.kl_rows[r] = res.kl;
     a.ce_rows[r] = res.ce;
   }
