@@ -12,10 +12,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-PROVIDERS = ("fused", "fused_out", "eager", "compiled")
+PROVIDERS = ("fused", "fused_cold", "fused_out", "eager", "compiled")
 LABELS = {
     "fused": "fused (fastdistil, cpp)",
-    "fused_out": "fused, gradient buffer reused",
+    "fused_cold": "fused, fresh gradient allocation",
+    "fused_out": "fused, into a caller-owned buffer",
     "eager": "eager reference",
     "compiled": "torch.compile(reference)",
 }
@@ -82,13 +83,13 @@ def busy(result: dict | None) -> bool:
 
 def table(dtype: str, by_n: dict) -> str:
     cols = ["N", "fused ms", "eager ms", "compiled ms", "speed-up vs eager", "speed-up vs compiled",
-            "fused peak mem", "eager peak mem", "compiled peak mem", "fused, no alloc ms", "floor ms",
-            "no alloc / floor"]
+            "fused peak mem", "eager peak mem", "compiled peak mem", "fused, fresh alloc ms",
+            "fused, no alloc ms", "floor ms", "no alloc / floor"]
     lines = [f"### {dtype} logits, V = {next(iter(next(iter(by_n.values())).values()))['V']}", "",
              "| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
     for n in sorted(by_n):
         r = by_n[n]
-        fused, out, eager, compiled = (r.get(p) for p in PROVIDERS)
+        fused, cold, out, eager, compiled = (r.get(p) for p in PROVIDERS)
 
         def ms(result):
             return fmt_ms(median(result)) + (" †" if busy(result) else "")
@@ -101,7 +102,7 @@ def table(dtype: str, by_n: dict) -> str:
         to_floor = f"{median(out) * 1e3 / floor_ms:.1f}×" if out and floor_ms else "–"
         lines.append("| " + " | ".join([
             f"{n:,}", ms(fused), ms(eager), ms(compiled), ratio(eager, fused), ratio(compiled, fused),
-            fmt_mem(fused), fmt_mem(eager), fmt_mem(compiled), ms(out),
+            fmt_mem(fused), fmt_mem(eager), fmt_mem(compiled), ms(cold), ms(out),
             f"{floor_ms:.1f}" if floor_ms else "–", to_floor,
         ]) + " |")
     return "\n".join(lines)
@@ -117,8 +118,11 @@ def markdown(results: dict, data: dict) -> str:
     parts += [
         "Median of timed rounds (pytest-benchmark, `benchmark.pedantic`); speed-up = reference median / "
         "fused median. *fused*: `fastdistil.triple_loss(..., backend=\"cpp\")` then `loss.backward()`. "
+        "From its second call on, the op's [N, V] gradient reuses the buffer the previous step's gradient "
+        "returned when autograd freed it. *fused, fresh alloc*: the same with that buffer freed before every "
+        "call (the first step: allocation and page faults included). "
         "*fused, no alloc*: `torch.ops.fastdistil.triple_loss_out` into gradient buffers allocated once (a "
-        "reused workspace). Peak mem: the most tensor memory held at once by tensors allocated during one "
+        "caller-owned workspace), the kernel alone. Peak mem: the most tensor memory held at once by tensors allocated during one "
         "forward + backward, gradients included (profiler allocation events, `bench/memory.py`); (×) = "
         "multiple of one [N, V] fp32 tensor. Floor = 3·N·V·itemsize bytes (read both logit tensors, write "
         "the gradient) / measured copy bandwidth. Inputs: logits ~ N(0, 3²), 10 % padding, 15 % labelled "
@@ -141,7 +145,8 @@ def plot(results: dict, path: Path) -> None:
 
     dtypes = sorted(results, key=lambda d: DTYPE_ORDER.index(d) if d in DTYPE_ORDER else 99)
     fig, axes = plt.subplots(len(dtypes), 2, figsize=(11, 4.2 * len(dtypes)), squeeze=False)
-    colors = {"fused": "tab:blue", "fused_out": "tab:cyan", "eager": "tab:red", "compiled": "tab:orange"}
+    colors = {"fused": "tab:blue", "fused_cold": "tab:purple", "fused_out": "tab:cyan", "eager": "tab:red",
+              "compiled": "tab:orange"}
     for row, dtype in zip(axes, dtypes):
         by_n = results[dtype]
         ns = sorted(by_n)

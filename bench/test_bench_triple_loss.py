@@ -1,7 +1,10 @@
 """Forward+backward time and peak extra memory of the triple loss at BERT's vocabulary.
 
 Providers, each measured side by side on the same inputs:
-  fused      fastdistil.triple_loss(..., backend="cpp"), then loss.backward(): what a user calls.
+  fused      fastdistil.triple_loss(..., backend="cpp"), then loss.backward(): what a user calls every step;
+             from the second call on, the op's gradient reuses the buffer the previous one freed.
+  fused_cold the same with the op's idle gradient buffer freed before every call: the first step's cost,
+             which allocates and page-faults a fresh [N, V] gradient.
   fused_out  torch.ops.fastdistil.triple_loss_out into gradient buffers allocated once outside the timing
              (a trainer reusing its workspace): the kernel without allocating and first-touching [N, V].
   eager      fastdistil.triple_loss_reference forward+backward, the recipe's unfused loss.
@@ -32,7 +35,7 @@ LABELLED_FRACTION = 0.15
 LOGIT_STD = 3.0
 NS = (512, 2048, 8192)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-PROVIDERS = ("fused", "fused_out", "eager", "compiled")
+PROVIDERS = ("fused", "fused_cold", "fused_out", "eager", "compiled")
 ARGS = dict(temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, restrict_ce_to_mask=False)
 
 # (rounds, warmup_rounds). The unfused reference takes seconds per call at N = 8192, the fused op a fraction.
@@ -86,7 +89,7 @@ def make_step(provider: str, inputs: dict):
 
         return step, clear_grads
 
-    if provider == "fused":
+    if provider in ("fused", "fused_cold"):
         loss_fn = functools.partial(fastdistil.triple_loss, backend="cpp")
     elif provider == "eager":
         loss_fn = fastdistil.triple_loss_reference
@@ -101,6 +104,12 @@ def make_step(provider: str, inputs: dict):
         loss.backward()
         return loss.detach()
 
+    if provider == "fused_cold":
+        def clear_grads_and_cache():
+            clear_grads()
+            fastdistil.extension._C.release_gradient_cache()
+
+        return step, clear_grads_and_cache
     return step, clear_grads
 
 

@@ -42,3 +42,8 @@ if not AVAILABLE:
 def cpu_isa() -> str:
     """The instruction set the CPU kernels use ('avx512', 'avx2' or 'scalar'), or 'unavailable'."""
     return _C.cpu_isa() if AVAILABLE else "unavailable"
+
+
+def release_gradient_cache() -> int:
+    """Frees the idle [N, V] gradient buffer the CPU op keeps for the next step; returns the bytes freed."""
+    return _C.release_gradient_cache() if AVAILABLE else 0
