@@ -1,6 +1,14 @@
-import pytest
+import os
+
 import torch
-from hypothesis import settings
+
+# Triton picks interpreter or compiler mode when it is first imported, and other tests' imports (transformers,
+# torch.compile) may import it before the Triton tests run: without a GPU, ask for the interpreter up front.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 # Derandomized so that CI sees the same examples every run; `--hypothesis-profile=explore` searches.
 settings.register_profile("default", max_examples=30, deadline=None, derandomize=True, database=None)
