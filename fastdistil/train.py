@@ -1,0 +1,336 @@
+"""python -m fastdistil.train: distill a BERT masked-LM teacher into a DistilBERT student (Sanh et al. 2019).
+
+Read top to bottom: the config, the data, the models, one training step, the loop, the export.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForMaskedLM, AutoTokenizer, get_linear_schedule_with_warmup
+
+import fastdistil
+from fastdistil import data
+from fastdistil.student import make_student
+
+BUNDLED_TEACHER = data.DATA_DIR / "tiny-bert-teacher"
+
+
+@dataclass
+class TrainConfig:
+    teacher: str = str(BUNDLED_TEACHER)
+    tokenizer: str | None = None  # default: the teacher's
+    dataset: str = data.DEFAULT_DATASET
+    dataset_config: str | None = None
+    text_column: str = "text"
+    output_dir: str = "runs/distil"
+    overwrite: bool = False
+    max_steps: int = -1  # optimizer steps; -1: as many as --epochs take
+    epochs: int = 1
+    batch_size: int = 8  # sequences per process and micro-batch
+    grad_accum: int = 1
+    max_seq_len: int = 128
+    lr: float = 5e-4
+    warmup: float = 0.05  # fraction of the steps
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-6
+    max_grad_norm: float = 5.0
+    temperature: float = 2.0
+    alpha_ce: float = 5.0
+    alpha_mlm: float = 2.0
+    alpha_cos: float = 1.0
+    restrict_ce_to_mask: bool = False
+    mlm_prob: float = 0.15
+    mlm_smoothing: float = 0.7
+    student_layers: str | None = None  # e.g. "0,2,4,7,9,11"; default: the recipe's choice
+    student_init: str = "teacher"  # or "random"
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    loss: str = "fused"  # fused | reference
+    device: str = "auto"  # auto | cpu | cuda
+    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    log_every: int = 10
+    seed: int = 56
+    heldout_fraction: float = 0.02
+    tensorboard: bool = False
+
+
+CHOICES = {"precision": ("fp32", "bf16", "fp16"), "loss": ("fused", "reference"),
+           "device": ("auto", "cpu", "cuda"), "student_init": ("teacher", "random")}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """A ValueError naming the first bad setting."""
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                             f"got {getattr(cfg, name)!r}")
+    for name in ("alpha_ce", "alpha_mlm", "alpha_cos", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
+    if not 0 < cfg.mlm_prob < 1:
+        raise ValueError(f"--mlm-prob must be in (0, 1), got {cfg.mlm_prob}")
+    for name in ("batch_size", "grad_accum", "epochs", "log_every"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    out = Path(cfg.output_dir)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise ValueError(f"--output-dir {out} is not empty; pass --overwrite to replace its contents")
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """Every TrainConfig field is a flag (--max-steps, --restrict-ce-to-mask, ...); --config FILE (YAML or
+    JSON, the same keys) sets defaults that the command line overrides."""
+    parser = argparse.ArgumentParser(prog="python -m fastdistil.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, help="YAML or JSON file with TrainConfig keys")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {int: int, float: float}.get(field.type, str)
+            parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(field.name))
+    args = vars(parser.parse_args(argv))
+    values = {}
+    config_file = args.pop("config")
+    if config_file is not None:
+        if not config_file.exists():
+            raise ValueError(f"--config {config_file} does not exist")
+        text = config_file.read_text()
+        if config_file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"--config {config_file}: unknown keys {unknown}")
+    values.update({k: v for k, v in args.items() if v is not None})
+    return TrainConfig(**values)
+
+
+def load_teacher(cfg: TrainConfig, tokenizer, device) -> torch.nn.Module:
+    if cfg.teacher == str(BUNDLED_TEACHER) and not BUNDLED_TEACHER.exists():
+        raise ValueError(f"the built-in teacher is not in this installation ({BUNDLED_TEACHER}); pass --teacher "
+                         "(a hub name or a local directory of a BERT masked LM)")
+    try:
+        teacher, info = AutoModelForMaskedLM.from_pretrained(cfg.teacher, output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--teacher {cfg.teacher}: not a loadable masked LM ({exc})") from exc
+    untrained_head = [k for k in info["missing_keys"] if k.startswith(("cls.", "lm_head."))]
+    if untrained_head:
+        raise ValueError(f"--teacher {cfg.teacher}: not a masked LM (its checkpoint has no MLM head: "
+                         f"{untrained_head[0]} is missing)")
+    if teacher.config.vocab_size != len(tokenizer):
+        raise ValueError(f"--teacher vocabulary ({teacher.config.vocab_size}) does not match the tokenizer's "
+                         f"({len(tokenizer)})")
+    return teacher.float().to(device).eval().requires_grad_(False)
+
+
+def device_of(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def train_step(student, teacher, loss_fn, batch, cfg: TrainConfig, amp_dtype):
+    """Forward of both models and the triple loss of one micro-batch; returns the loss terms."""
+    input_ids, attention_mask, labels = batch
+    with torch.autocast(input_ids.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.no_grad():
+            t = teacher(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        s = student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    # The loss always runs in fp32 inside the kernel, whatever the logits' dtype.
+    return loss_fn(s.logits, t.logits, labels, s.hidden_states[-1], t.hidden_states[-1], attention_mask)
+
+
+@torch.no_grad()
+def evaluate(teacher, student, batches_, device) -> dict:
+    """Held-out MLM loss of each model and the student's top-1 agreement with the teacher on masked rows."""
+    student.eval()
+    totals = {"teacher": 0.0, "student": 0.0, "agree": 0, "rows": 0}
+    for input_ids, attention_mask, labels in batches_:
+        input_ids, attention_mask, labels = input_ids.to(device), attention_mask.to(device), labels.to(device)
+        targets = labels != -100
+        t_logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits[targets].float()
+        s_logits = student(input_ids=input_ids, attention_mask=attention_mask).logits[targets].float()
+        y = labels[targets]
+        totals["teacher"] += torch.nn.functional.cross_entropy(t_logits, y, reduction="sum").item()
+        totals["student"] += torch.nn.functional.cross_entropy(s_logits, y, reduction="sum").item()
+        totals["agree"] += int((t_logits.argmax(-1) == s_logits.argmax(-1)).sum())
+        totals["rows"] += int(targets.sum())
+    student.train()
+    rows = max(totals["rows"], 1)
+    return {"teacher_heldout_mlm_loss": totals["teacher"] / rows, "student_heldout_mlm_loss": totals["student"] / rows,
+            "student_teacher_top1_agreement": totals["agree"] / rows, "heldout_masked_rows": totals["rows"]}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(cfg: TrainConfig) -> dict:
+    check_config(cfg)
+    device = device_of(cfg)
+    torch.manual_seed(cfg.seed)
+    tokenizer_name = cfg.tokenizer or cfg.teacher
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    except (OSError, ValueError) as exc:
+        flag = "--tokenizer" if cfg.tokenizer else "--teacher (no --tokenizer given)"
+        raise ValueError(f"{flag} {tokenizer_name}: cannot load a tokenizer ({exc})") from exc
+    teacher = load_teacher(cfg, tokenizer, device)
+    layers = None if cfg.student_layers is None else [int(i) for i in cfg.student_layers.split(",")]
+    student = make_student(teacher, layers, cfg.student_init).to(device).train()
+
+    sequences = data.tokenize_corpus(
+        data.load_corpus(cfg.dataset, cfg.dataset_config, text_column=cfg.text_column), tokenizer, cfg.max_seq_len)
+    train_set, heldout = data.heldout_split(sequences, cfg.heldout_fraction, cfg.seed)
+    masker = data.DynamicMasker(
+        data.masking_probabilities(train_set, len(tokenizer), tokenizer.all_special_ids, cfg.mlm_smoothing),
+        tokenizer.mask_token_id, len(tokenizer), cfg.mlm_prob)
+
+    def masked_batches(dataset, epoch):
+        for index, (ids, mask) in enumerate(data.batches(dataset, cfg.batch_size, cfg.seed, epoch,
+                                                          tokenizer.pad_token_id)):
+            masked, labels = masker(ids, mask, data.rng(cfg.seed, epoch, index))
+            yield masked, mask, labels
+
+    micro_per_epoch = len(data.length_grouped_batches([len(x) for x in train_set["input_ids"]],
+                                                      cfg.batch_size, cfg.seed, 0))
+    if micro_per_epoch < cfg.grad_accum:
+        raise ValueError(f"--grad-accum {cfg.grad_accum} exceeds the {micro_per_epoch} batches of an epoch")
+    total_steps = cfg.max_steps if cfg.max_steps >= 0 else micro_per_epoch // cfg.grad_accum * cfg.epochs
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup * total_steps), max(total_steps, 1))
+    loss_fn = fastdistil.TripleLoss(cfg.temperature, cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos,
+                                    cfg.restrict_ce_to_mask, backend="auto" if cfg.loss == "fused" else "reference")
+    writer = None
+    if cfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(out / "tensorboard")
+
+    step, epoch, tokens, start = 0, 0, 0, time.time()
+    window_tokens, window_start = 0, time.time()
+    progress = tqdm(total=total_steps, desc="distilling", disable=total_steps == 0)
+    while step < total_steps:
+        micro = masked_batches(train_set, epoch)
+        exhausted = False
+        while step < total_steps and not exhausted:
+            terms_sum = torch.zeros(4)
+            for _ in range(cfg.grad_accum):
+                batch = next(micro, None)
+                if batch is None:  # an epoch's last, incomplete accumulation is dropped
+                    exhausted = True
+                    optimizer.zero_grad(set_to_none=True)
+                    break
+                batch = tuple(x.to(device) for x in batch)
+                out_terms = train_step(student, teacher, loss_fn, batch, cfg, amp_dtype)
+                scaler.scale(out_terms.loss / cfg.grad_accum).backward()
+                terms_sum += torch.stack([t.detach().float().cpu() for t in out_terms]) / cfg.grad_accum
+                n_tokens = int(batch[1].sum())
+                tokens += n_tokens
+                window_tokens += n_tokens
+            else:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                progress.update(1)
+                if step % cfg.log_every == 0 or step == total_steps:
+                    now = time.time()
+                    record = {"step": step, **dict(zip(("loss", "loss_ce", "loss_mlm", "loss_cos"),
+                                                       terms_sum.tolist())),
+                              "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                              "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                              "memory_mb": _memory_mb(device)}
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if writer:
+                        for key, value in record.items():
+                            if key != "step":
+                                writer.add_scalar(key, value, step)
+                    progress.set_postfix(loss=f"{record['loss']:.3f}")
+                    window_tokens, window_start = 0, now
+                if cfg.save_every and step % cfg.save_every == 0:
+                    _save_checkpoint(out, student, optimizer, scheduler, scaler, step, epoch)
+        epoch += 1
+    progress.close()
+    wall = time.time() - start
+
+    export = out / "student"
+    student.save_pretrained(export)
+    tokenizer.save_pretrained(export)
+    heldout_batches = list(masked_batches(heldout, epoch=-1))
+    summary = {"steps": step, "epochs_started": epoch, "wall_s": wall, "train_tokens": tokens,
+               "train_tokens_per_s": tokens / max(wall, 1e-9),
+               "teacher_params": sum(p.numel() for p in teacher.parameters()),
+               "student_params": sum(p.numel() for p in student.parameters()),
+               **evaluate(teacher, student, heldout_batches, device)}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if writer:
+        writer.close()
+    return summary
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _save_checkpoint(out: Path, student, optimizer, scheduler, scaler, step: int, epoch: int) -> None:
+    """The full training state, written under a temporary name and renamed into place."""
+    directory = out / "checkpoints"
+    directory.mkdir(exist_ok=True)
+    state = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch}
+    final = directory / f"step-{step:08d}.pt"
+    tmp = final.with_name(final.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, final)
+
+
+def cli(argv=None) -> int:
+    try:
+        cfg = parse_args(argv)
+        summary = main(cfg)
+    except ValueError as exc:
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

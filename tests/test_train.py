@@ -1,0 +1,112 @@
+"""python -m fastdistil.train end to end on a tiny teacher and a tiny corpus."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
+
+from fastdistil import data, train
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertForMaskedLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(data.BUNDLED_TOKENIZER).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
+    texts = data.load_corpus()["text"][:300]
+    path.write_text("\n".join(t.replace("\n", " ") for t in texts))
+    return path
+
+
+def args(teacher_dir, corpus, out, *extra):
+    return ["--teacher", str(teacher_dir), "--dataset", str(corpus), "--output-dir", str(out),
+            "--max-seq-len", "64", "--batch-size", "4", "--log-every", "1", *extra]
+
+
+def test_a_short_run_lowers_the_loss_and_leaves_a_loadable_student(teacher_dir, corpus, tmp_path):
+    out = tmp_path / "run"
+    summary = train.main(train.parse_args(args(teacher_dir, corpus, out, "--max-steps", "12", "--lr", "2e-3")))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    first, last = metrics[0]["loss"], sum(m["loss"] for m in metrics[-3:]) / 3
+    assert last < first
+    assert summary["steps"] == 12 and summary["student_params"] < summary["teacher_params"]
+    assert 0 <= summary["student_teacher_top1_agreement"] <= 1
+    student = AutoModelForMaskedLM.from_pretrained(out / "student")
+    assert student.config.n_layers == 2
+
+
+def test_fused_and_reference_losses_give_the_same_first_steps(teacher_dir, corpus, tmp_path):
+    runs = {}
+    for loss in ("fused", "reference"):
+        out = tmp_path / loss
+        train.main(train.parse_args(args(teacher_dir, corpus, out, "--max-steps", "3", "--loss", loss)))
+        runs[loss] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(runs["fused"], runs["reference"]):
+        for key in ("loss", "loss_ce", "loss_mlm", "loss_cos"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5)
+
+
+def test_max_steps_zero_exports_the_initialized_student(teacher_dir, corpus, tmp_path):
+    out = tmp_path / "zero"
+    train.main(train.parse_args(args(teacher_dir, corpus, out, "--max-steps", "0")))
+    student = AutoModelForMaskedLM.from_pretrained(out / "student")
+    teacher = AutoModelForMaskedLM.from_pretrained(teacher_dir)
+    assert torch.equal(student.distilbert.transformer.layer[1].ffn.lin1.weight,
+                       teacher.bert.encoder.layer[2].intermediate.dense.weight)
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--alpha-ce", "-1"], "alpha-ce"),
+    (["--temperature", "0"], "temperature"),
+    (["--mlm-prob", "1.5"], "mlm-prob"),
+    (["--batch-size", "0"], "batch-size"),
+])
+def test_bad_settings_exit_with_one_line_and_write_nothing(teacher_dir, corpus, tmp_path, capsys, extra, match):
+    out = tmp_path / "bad"
+    assert train.cli(args(teacher_dir, corpus, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err
+    assert not out.exists()
+
+
+def test_a_non_empty_output_dir_needs_overwrite(teacher_dir, corpus, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert train.cli(args(teacher_dir, corpus, out, "--max-steps", "0")) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_an_empty_corpus_or_a_teacher_without_mlm_head_is_an_error(teacher_dir, corpus, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert train.cli(args(teacher_dir, empty, tmp_path / "a")) == 2
+    assert "no non-empty documents" in capsys.readouterr().err
+    encoder_only = tmp_path / "encoder"
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(encoder_only)
+    AutoTokenizer.from_pretrained(data.BUNDLED_TOKENIZER).save_pretrained(encoder_only)
+    assert train.cli(args(encoder_only, corpus, tmp_path / "b")) == 2
+    assert "not a masked LM" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_teacher_whose_vocabulary_differs_from_the_tokenizer_is_an_error(corpus, tmp_path, capsys):
+    small = tmp_path / "small"
+    BertForMaskedLM(BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(small)
+    AutoTokenizer.from_pretrained(data.BUNDLED_TOKENIZER).save_pretrained(small)
+    assert train.cli(args(small, corpus, tmp_path / "c")) == 2
+    assert "does not match the tokenizer" in capsys.readouterr().err
