@@ -9,15 +9,19 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertFo
 from fastdistil import data, train
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher")
+def model_dir(path, model_class=BertForMaskedLM, vocab_size=30522, layers=4):
+    """A save_pretrained directory of a tiny random BERT model beside the bundled tokenizer."""
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+    config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64)
-    BertForMaskedLM(config).save_pretrained(path)
+    model_class(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(data.BUNDLED_TOKENIZER).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return model_dir(tmp_path_factory.mktemp("teacher"))
 
 
 @pytest.fixture(scope="module")
@@ -94,19 +98,13 @@ def test_an_empty_corpus_or_a_teacher_without_mlm_head_is_an_error(teacher_dir, 
     empty.write_text("\n")
     assert train.cli(args(teacher_dir, empty, tmp_path / "a")) == 2
     assert "no non-empty documents" in capsys.readouterr().err
-    encoder_only = tmp_path / "encoder"
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(encoder_only)
-    AutoTokenizer.from_pretrained(data.BUNDLED_TOKENIZER).save_pretrained(encoder_only)
+    encoder_only = model_dir(tmp_path / "encoder", model_class=BertModel)
     assert train.cli(args(encoder_only, corpus, tmp_path / "b")) == 2
     assert "not a masked LM" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_a_teacher_whose_vocabulary_differs_from_the_tokenizer_is_an_error(corpus, tmp_path, capsys):
-    small = tmp_path / "small"
-    BertForMaskedLM(BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                               intermediate_size=64)).save_pretrained(small)
-    AutoTokenizer.from_pretrained(data.BUNDLED_TOKENIZER).save_pretrained(small)
+    small = model_dir(tmp_path / "small", vocab_size=1000)
     assert train.cli(args(small, corpus, tmp_path / "c")) == 2
     assert "does not match the tokenizer" in capsys.readouterr().err
