@@ -42,26 +42,40 @@ def _local_files(path: Path) -> list[Path]:
 
 
 def load_corpus(dataset: str = DEFAULT_DATASET, dataset_config: str | None = None, split: str = "train",
-                text_column: str = "text") -> datasets.Dataset:
+                text_column: str = "text", streaming: bool = False, max_documents: int | None = None
+                ) -> datasets.Dataset:
     """The corpus as a datasets.Dataset with one column, `text`, and no empty documents.
 
     `dataset` is "wiki-vital" (the bundled sample), a local file or folder, or a Hugging Face dataset name.
+    `max_documents` keeps the first documents only. With `streaming`, documents are read one by one and only
+    those first `max_documents` are ever downloaded: the way to distill on a slice of a corpus too large to
+    fetch whole.
     """
+    if streaming and not max_documents:
+        raise ValueError("streaming needs max_documents: the number of documents to read from the stream")
+    if max_documents is not None and max_documents <= 0:
+        raise ValueError(f"max_documents must be > 0, got {max_documents}")
     path = Path(dataset)
     if dataset == DEFAULT_DATASET:
-        corpus = datasets.load_dataset("json", data_files=str(BUNDLED_CORPUS), split="train")
+        args, kwargs = ("json",), {"data_files": str(BUNDLED_CORPUS)}
     elif path.exists():
         files = _local_files(path)
         kinds = {"text" if f.suffix == ".txt" else "json" for f in files}
         if len(kinds) > 1:
             raise ValueError(f"dataset: {path} mixes .txt and .jsonl files; use one kind")
-        kind = kinds.pop()
-        corpus = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+        args, kwargs = (kinds.pop(),), {"data_files": [str(f) for f in files]}
     else:
-        corpus = datasets.load_dataset(dataset, dataset_config, split=split)
-    if text_column not in corpus.column_names:
-        raise ValueError(f"dataset: {dataset} has no column {text_column!r} (columns: {corpus.column_names}); "
+        args, kwargs = (dataset, dataset_config), {}
+    split = "train" if kwargs else split
+    corpus = datasets.load_dataset(*args, split=split, streaming=streaming, **kwargs)
+    columns = corpus.column_names if corpus.column_names is not None else list(next(iter(corpus)))
+    if text_column not in columns:
+        raise ValueError(f"dataset: {dataset} has no column {text_column!r} (columns: {columns}); "
                          "pass --text-column")
+    if streaming:
+        corpus = datasets.Dataset.from_list([{text_column: row[text_column]} for row in corpus.take(max_documents)])
+    elif max_documents is not None:
+        corpus = corpus.select(range(min(max_documents, len(corpus))))
     corpus = corpus.select_columns([text_column])
     if text_column != "text":
         corpus = corpus.rename_column(text_column, "text")
@@ -121,12 +135,17 @@ def heldout_split(sequences: datasets.Dataset, fraction: float, seed: int
     return split["train"], split["test"]
 
 
-def rng(seed: int, *position: int) -> torch.Generator:
-    """A generator that depends only on the seed and a position in the data (epoch, batch, ...)."""
+def seed_at(seed: int, *position: int) -> int:
+    """A seed that depends only on the run's seed and a position in the data (epoch, batch, ...)."""
     state = seed
     for p in position:
         state = (state * 1_000_003 + p + 1) % (2**63 - 1)
-    return torch.Generator().manual_seed(state)
+    return state
+
+
+def rng(seed: int, *position: int) -> torch.Generator:
+    """A generator seeded by seed_at(seed, *position)."""
+    return torch.Generator().manual_seed(seed_at(seed, *position))
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

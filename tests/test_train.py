@@ -1,6 +1,7 @@
 """python -m fastdistil.train end to end on a tiny teacher and a tiny corpus."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -61,6 +62,101 @@ def test_fused_and_reference_losses_give_the_same_first_steps(teacher_dir, corpu
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5)
 
 
+def metrics_of(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_is_a_function_of_its_seed(teacher_dir, corpus, tmp_path):
+    """Batch order, masking and dropout all derive from the seed: two runs log the same losses."""
+    runs = []
+    for name in ("a", "b"):
+        train.main(train.parse_args(args(teacher_dir, corpus, tmp_path / name, "--max-steps", "3")))
+        runs.append([{k: m[k] for k in ("loss", "loss_ce", "loss_mlm", "loss_cos", "grad_norm")}
+                     for m in metrics_of(tmp_path / name)])
+    assert runs[0] == runs[1]
+    train.main(train.parse_args(args(teacher_dir, corpus, tmp_path / "c", "--max-steps", "3", "--seed", "7")))
+    assert metrics_of(tmp_path / "c")[0]["loss"] != runs[0][0]["loss"]
+
+
+def test_the_exported_student_gives_the_logits_it_was_trained_to(teacher_dir, corpus, tmp_path):
+    out = tmp_path / "run"
+    train.main(train.parse_args(args(teacher_dir, corpus, out, "--max-steps", "2", "--save-every", "2")))
+    exported = AutoModelForMaskedLM.from_pretrained(out / "student").eval()
+    trained = type(exported)(exported.config).eval()
+    state = torch.load(out / "checkpoints" / "step-00000002.pt", weights_only=True)["student"]
+    trained.load_state_dict(state)
+    assert not torch.equal(state["distilbert.transformer.layer.0.ffn.lin1.weight"],
+                           AutoModelForMaskedLM.from_pretrained(teacher_dir).bert.encoder.layer[0]
+                           .intermediate.dense.weight)  # it did train
+    ids = torch.randint(1000, 2000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_close_to_fp32(teacher_dir, corpus, tmp_path, precision):
+    logged = {}
+    for name in ("fp32", precision):
+        train.main(train.parse_args(args(teacher_dir, corpus, tmp_path / name, "--max-steps", "2",
+                                         "--precision", name)))
+        logged[name] = metrics_of(tmp_path / name)
+    for low, full in zip(logged[precision], logged["fp32"]):
+        assert math.isfinite(low["loss"]) and low["loss"] == pytest.approx(full["loss"], rel=0.05)
+
+
+def test_tensorboard_gets_every_logged_scalar(teacher_dir, corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train.main(train.parse_args(args(teacher_dir, corpus, out, "--max-steps", "2", "--tensorboard")))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"loss", "loss_ce", "loss_mlm", "loss_cos", "lr", "grad_norm", "tokens_per_s"} <= set(
+        events.Tags()["scalars"])
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([m["loss"] for m in metrics_of(out)])
+
+
+def test_streaming_a_slice_of_the_corpus_with_several_tokenizer_processes(teacher_dir, corpus, tmp_path):
+    summary = train.main(train.parse_args(args(teacher_dir, corpus, tmp_path / "run", "--max-steps", "1",
+                                               "--streaming", "--max-documents", "40", "--num-proc", "2")))
+    whole = train.main(train.parse_args(args(teacher_dir, corpus, tmp_path / "whole", "--max-steps", "0")))
+    assert 0 < summary["train_sequences"] + summary["heldout_sequences"] < whole["train_sequences"]
+
+
+def test_a_config_file_sets_defaults_that_the_command_line_overrides(teacher_dir, corpus, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 5\nlog_every: 2\nstudent_layers: '1,3'\n")
+    cfg = train.parse_args(["--config", str(config), "--max-steps", "4"])
+    assert (cfg.max_steps, cfg.log_every, cfg.student_layers) == (4, 2, "1,3")
+    (tmp_path / "bad.json").write_text('{"max_stepz": 5}')
+    with pytest.raises(ValueError, match="max_stepz"):
+        train.parse_args(["--config", str(tmp_path / "bad.json")])
+
+
+def test_student_layers_and_random_init(teacher_dir, corpus, tmp_path):
+    teacher = AutoModelForMaskedLM.from_pretrained(teacher_dir)
+    train.main(train.parse_args(args(teacher_dir, corpus, tmp_path / "a", "--max-steps", "0",
+                                     "--student-layers", "0,1,3")))
+    picked = AutoModelForMaskedLM.from_pretrained(tmp_path / "a" / "student")
+    assert picked.config.n_layers == 3
+    assert torch.equal(picked.distilbert.transformer.layer[2].attention.q_lin.weight,
+                       teacher.bert.encoder.layer[3].attention.self.query.weight)
+    train.main(train.parse_args(args(teacher_dir, corpus, tmp_path / "b", "--max-steps", "0",
+                                     "--student-init", "random")))
+    fresh = AutoModelForMaskedLM.from_pretrained(tmp_path / "b" / "student")
+    assert not torch.equal(fresh.distilbert.transformer.layer[1].attention.q_lin.weight,
+                           teacher.bert.encoder.layer[2].attention.self.query.weight)
+
+
+def test_epochs_run_every_batch_once_per_epoch(teacher_dir, tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("\n".join(t.replace("\n", " ") for t in data.load_corpus()["text"][:12]))
+    summary = train.main(train.parse_args(args(teacher_dir, small, tmp_path / "run", "--epochs", "2",
+                                               "--heldout-fraction", "0.2")))
+    per_epoch = math.ceil(summary["train_sequences"] / 4)
+    assert summary["steps"] == 2 * per_epoch
+
+
 def test_max_steps_zero_exports_the_initialized_student(teacher_dir, corpus, tmp_path):
     out = tmp_path / "zero"
     train.main(train.parse_args(args(teacher_dir, corpus, out, "--max-steps", "0")))
@@ -75,6 +171,8 @@ def test_max_steps_zero_exports_the_initialized_student(teacher_dir, corpus, tmp
     (["--temperature", "0"], "temperature"),
     (["--mlm-prob", "1.5"], "mlm-prob"),
     (["--batch-size", "0"], "batch-size"),
+    (["--max-steps", "-1"], "max-steps"),
+    (["--streaming"], "max-documents"),
 ])
 def test_bad_settings_exit_with_one_line_and_write_nothing(teacher_dir, corpus, tmp_path, capsys, extra, match):
     out = tmp_path / "bad"

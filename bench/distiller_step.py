@@ -1,0 +1,124 @@
+"""The original Hugging Face distiller's training step, ported: the baseline of bench/test_bench_train_step.py.
+
+This is a port of `Distiller.__init__` (the loss objects, the optimizer and the schedule), `Distiller.step` and
+`Distiller.optimize` from `distiller.py` of huggingface/transformers examples/research_projects/distillation
+(since March 2025 huggingface/transformers-research-projects, distillation/), in MLM mode with gradient
+accumulation 1, one process and no apex. The original no longer runs on current transformers and numpy, so
+its step is rewritten here to compute exactly what it computes, in the same order and with the same torch.nn
+objects:
+
+- the student forward, then the teacher forward under torch.no_grad(), both with input_ids and the boolean
+  attention_mask and all hidden states (the original sets output_hidden_states in both configs);
+- masked_select copies of both logit tensors on the non-padding rows, nn.KLDivLoss(batchmean) of
+  log_softmax(s/T) against softmax(t/T) times T^2; nn.CrossEntropyLoss(ignore_index=-100) on the full student
+  logits; nn.CosineEmbeddingLoss(mean) on masked_select copies of the last hidden states with a target of ones;
+- the NaN check, the .item() calls the original makes for its logs, loss.backward(), clip_grad_norm_,
+  optimizer.step(), optimizer.zero_grad(), scheduler.step();
+- torch.optim.AdamW with the original's two parameter groups, betas (0.9, 0.98), torch's default (foreach)
+  implementation, and transformers' linear warm-up schedule.
+
+Left out: the CLM and MSE terms (their weights are 0 in DistilBERT's recipe), multi-GPU, apex fp16, tensorboard
+and checkpoints (every 500 and 4000 steps in the original, not part of a step). `amp_dtype` is this port's one
+addition: bf16 runs the two forwards under torch.autocast and the loss on the logits as they come out, which is
+what "the same models with the reference loss" means in mixed precision.
+"""
+
+import math
+
+import torch
+from torch import nn
+from transformers import get_linear_schedule_with_warmup
+
+
+class Distiller:
+    """The state the original keeps across steps (models, loss objects, optimizer, schedule, log counters)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, num_train_optimization_steps: int, *,
+                 temperature: float = 2.0, alpha_ce: float = 5.0, alpha_mlm: float = 2.0, alpha_cos: float = 1.0,
+                 learning_rate: float = 5e-4, adam_epsilon: float = 1e-6, weight_decay: float = 0.0,
+                 warmup_prop: float = 0.05, max_grad_norm: float = 5.0, amp_dtype: torch.dtype | None = None):
+        self.student = student
+        self.teacher = teacher
+        self.temperature = temperature
+        self.alpha_ce, self.alpha_mlm, self.alpha_cos = alpha_ce, alpha_mlm, alpha_cos
+        self.max_grad_norm = max_grad_norm
+        self.amp_dtype = amp_dtype
+
+        self.ce_loss_fct = nn.KLDivLoss(reduction="batchmean")
+        self.lm_loss_fct = nn.CrossEntropyLoss(ignore_index=-100)
+        self.cosine_loss_fct = nn.CosineEmbeddingLoss(reduction="mean")
+
+        # Substring matches, as in the original: of DistilBERT's norms only embeddings.LayerNorm.weight matches.
+        no_decay = ["bias", "LayerNorm.weight"]
+        params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in params if not any(nd in n for nd in no_decay)], "weight_decay": weight_decay},
+            {"params": [p for n, p in params if any(nd in n for nd in no_decay)], "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW(groups, lr=learning_rate, eps=adam_epsilon, betas=(0.9, 0.98))
+        warmup_steps = math.ceil(num_train_optimization_steps * warmup_prop)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, num_warmup_steps=warmup_steps, num_training_steps=num_train_optimization_steps)
+
+        self.n_iter = 0
+        self.n_sequences_epoch = 0
+        self.total_loss_epoch = 0.0
+        self.last_loss = self.last_loss_ce = self.last_loss_mlm = self.last_loss_cos = 0.0
+
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lm_labels: torch.Tensor) -> None:
+        """Forward of student and teacher, the loss, and (gradient accumulation 1) an optimizer step."""
+        with torch.autocast(input_ids.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            student_outputs = self.student(input_ids=input_ids, attention_mask=attention_mask,
+                                           output_hidden_states=True)
+            with torch.no_grad():
+                teacher_outputs = self.teacher(input_ids=input_ids, attention_mask=attention_mask,
+                                               output_hidden_states=True)
+        s_logits, s_hidden_states = student_outputs["logits"], student_outputs["hidden_states"]
+        t_logits, t_hidden_states = teacher_outputs["logits"], teacher_outputs["hidden_states"]
+        assert s_logits.size() == t_logits.size()
+
+        # KL on every non-padding row (restrict_ce_to_mask is off in the recipe).
+        mask = attention_mask.unsqueeze(-1).expand_as(s_logits)
+        s_logits_slct = torch.masked_select(s_logits, mask).view(-1, s_logits.size(-1))
+        t_logits_slct = torch.masked_select(t_logits, mask).view(-1, s_logits.size(-1))
+        loss_ce = self.ce_loss_fct(
+            nn.functional.log_softmax(s_logits_slct / self.temperature, dim=-1),
+            nn.functional.softmax(t_logits_slct / self.temperature, dim=-1),
+        ) * self.temperature**2
+        loss = self.alpha_ce * loss_ce
+
+        if self.alpha_mlm > 0.0:
+            loss_mlm = self.lm_loss_fct(s_logits.view(-1, s_logits.size(-1)), lm_labels.view(-1))
+            loss += self.alpha_mlm * loss_mlm
+        if self.alpha_cos > 0.0:
+            s_hidden, t_hidden = s_hidden_states[-1], t_hidden_states[-1]
+            mask = attention_mask.unsqueeze(-1).expand_as(s_hidden)
+            dim = s_hidden.size(-1)
+            s_hidden_slct = torch.masked_select(s_hidden, mask).view(-1, dim)
+            t_hidden_slct = torch.masked_select(t_hidden, mask).view(-1, dim)
+            target = s_hidden_slct.new(s_hidden_slct.size(0)).fill_(1)
+            loss_cos = self.cosine_loss_fct(s_hidden_slct, t_hidden_slct, target)
+            loss += self.alpha_cos * loss_cos
+
+        # The original reads every term back for its logs: one host sync each.
+        self.total_loss_epoch += loss.item()
+        self.last_loss = loss.item()
+        self.last_loss_ce = loss_ce.item()
+        if self.alpha_mlm > 0.0:
+            self.last_loss_mlm = loss_mlm.item()
+        if self.alpha_cos > 0.0:
+            self.last_loss_cos = loss_cos.item()
+
+        self.optimize(loss)
+        self.n_sequences_epoch += input_ids.size(0)
+
+    def optimize(self, loss: torch.Tensor) -> None:
+        """The NaN check, backward, clipping and the parameter update (every step at gradient accumulation 1)."""
+        if (loss != loss).data.any():
+            raise FloatingPointError("NaN detected")  # the original logs and calls exit()
+        loss.backward()
+        self.n_iter += 1
+        nn.utils.clip_grad_norm_(self.student.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.scheduler.step()
