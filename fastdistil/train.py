@@ -8,7 +8,10 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForMaskedLM, AutoTokenizer, get_linear_schedule_with_warmup
 
 import fastdistil
-from fastdistil import data, mlm_head
+from fastdistil import checkpoint, data, mlm_head
 from fastdistil.student import make_student
 
 BUNDLED_TEACHER = data.DATA_DIR / "tiny-bert-teacher"
@@ -27,6 +30,8 @@ BUNDLED_TEACHER = data.DATA_DIR / "tiny-bert-teacher"
 # on 2 CPU cores.
 DEFAULT_MAX_STEPS = 200
 DROPOUT_STREAM = 1  # data.seed_at(seed, epoch, batch, DROPOUT_STREAM) seeds dropout, apart from the masking
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "checkpoints", "student", "tensorboard")
+HELDOUT_STREAM = -1  # the held-out masks: data.rng(seed, HELDOUT_STREAM, batch), the same in every run
 
 
 @dataclass
@@ -63,7 +68,10 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     loss: str = "fused"  # fused | reference
     device: str = "auto"  # auto | cpu | cuda
-    save_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    save_every: int = 0  # optimizer steps between checkpoints; 0: none (SIGTERM still saves one)
+    keep_last: int = 3  # checkpoints kept
+    resume: str | None = None  # "latest" (--resume alone: the newest in --output-dir) or a checkpoint directory
+    max_bad_steps: int = 10  # consecutive NaN/inf-loss steps (each skipped) before the run stops
     log_every: int = 10
     seed: int = 56
     heldout_fraction: float = 0.02
@@ -97,8 +105,13 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise ValueError(f"--output-dir {out} is not empty; pass --overwrite to replace its contents")
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite and cfg.resume is None:
+        raise ValueError(f"--output-dir {out} is not empty; pass --overwrite to replace its contents or "
+                         "--resume to continue its run")
+    if cfg.keep_last < 1:
+        raise ValueError(f"--keep-last must be >= 1, got {cfg.keep_last}")
+    if cfg.max_bad_steps < 0:
+        raise ValueError(f"--max-bad-steps must be >= 0, got {cfg.max_bad_steps}")
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -108,7 +121,10 @@ def parse_args(argv=None) -> TrainConfig:
     parser.add_argument("--config", type=Path, help="YAML or JSON file with TrainConfig keys")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
-        if field.type is bool:
+        if field.name == "resume":
+            parser.add_argument(flag, nargs="?", const="latest", default=None, metavar="CHECKPOINT_DIR",
+                                help="continue from the newest whole checkpoint in --output-dir, or this one")
+        elif field.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             kind = next((t for t in (int, float) if t in (field.type, *typing.get_args(field.type))), str)
@@ -231,28 +247,23 @@ def main(cfg: TrainConfig) -> dict:
         data.masking_probabilities(train_set, len(tokenizer), tokenizer.all_special_ids, cfg.mlm_smoothing),
         tokenizer.mask_token_id, len(tokenizer), cfg.mlm_prob)
 
-    def masked_batches(dataset, epoch):
-        for index, (ids, mask) in enumerate(data.batches(dataset, cfg.batch_size, cfg.seed, epoch,
-                                                          tokenizer.pad_token_id)):
-            masked, labels = masker(ids, mask, data.rng(cfg.seed, epoch, index))
-            torch.manual_seed(data.seed_at(cfg.seed, epoch, index, DROPOUT_STREAM))  # this micro-batch's dropout
-            yield masked, mask, labels
-
-    micro_per_epoch = len(data.length_grouped_batches([len(x) for x in train_set["input_ids"]],
-                                                      cfg.batch_size, cfg.seed, 0))
-    if micro_per_epoch < cfg.grad_accum:
-        raise ValueError(f"--grad-accum {cfg.grad_accum} exceeds the {micro_per_epoch} batches of an epoch")
+    lengths = [len(ids) for ids in train_set["input_ids"]]
+    steps_per_epoch = len(data.length_grouped_batches(lengths, cfg.batch_size, cfg.seed, 0)) // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"--grad-accum {cfg.grad_accum} exceeds the number of batches in an epoch")
     if cfg.max_steps is not None:
         total_steps = cfg.max_steps
     elif cfg.epochs is not None:
-        total_steps = micro_per_epoch // cfg.grad_accum * cfg.epochs
+        total_steps = steps_per_epoch * cfg.epochs
     else:
         total_steps = DEFAULT_MAX_STEPS
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    def micro_batch(plan: list[list[int]], epoch: int, index: int):
+        """Micro-batch `index` of the epoch, masked, its dropout seeded: all a function of the position."""
+        ids, mask = data.collate(train_set[plan[index]]["input_ids"], tokenizer.pad_token_id)
+        masked, labels = masker(ids, mask, data.rng(cfg.seed, epoch, index))
+        torch.manual_seed(data.seed_at(cfg.seed, epoch, index, DROPOUT_STREAM))
+        return masked.to(device), mask.to(device), labels.to(device)
 
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -260,76 +271,117 @@ def main(cfg: TrainConfig) -> dict:
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup * total_steps), max(total_steps, 1))
     loss_fn = fastdistil.TripleLoss(cfg.temperature, cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos,
                                     cfg.restrict_ce_to_mask, backend="auto" if cfg.loss == "fused" else "reference")
+
+    out = Path(cfg.output_dir)
+    progress_state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0, "wall_s": 0.0, "bad_steps": 0,
+                      "skipped_steps": 0}
+    resumed = _resume(cfg, out, student, optimizer, scheduler, scaler)
+    if resumed is not None:
+        progress_state = resumed
+        _truncate_metrics(out / "metrics.jsonl", progress_state["step"])
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES:  # --overwrite: what an earlier run left goes, nothing else
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
     writer = None
     if cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(out / "tensorboard")
+        writer = SummaryWriter(out / "tensorboard", purge_step=progress_state["step"] + 1)
 
-    step, epoch, tokens, start = 0, 0, 0, time.time()
-    window_tokens, window_start = 0, time.time()
-    progress = tqdm(total=total_steps, desc="distilling", disable=total_steps == 0)
-    while step < total_steps:
-        micro = masked_batches(train_set, epoch)
-        exhausted = False
-        while step < total_steps and not exhausted:
+    def save():
+        state = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                 "progress": {**progress_state, "wall_s": progress_state["wall_s"] + time.time() - start},
+                 "rng": _rng_state(), "config": dataclasses.asdict(cfg)}
+        checkpoint.save(out / "checkpoints", progress_state["step"], state, cfg.keep_last)
+
+    stop = _StopOnSignal()
+    step, epoch, step_in_epoch = progress_state["step"], progress_state["epoch"], progress_state["step_in_epoch"]
+    start = window_start = time.time()
+    window_tokens = 0
+    progress = tqdm(total=total_steps, initial=step, desc="distilling", disable=total_steps == 0)
+    while step < total_steps and not stop.signal:
+        plan = data.length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+        while step_in_epoch < steps_per_epoch and step < total_steps and not stop.signal:
             terms_sum = torch.zeros(4)
-            for _ in range(cfg.grad_accum):
-                batch = next(micro, None)
-                if batch is None:  # an epoch's last, incomplete accumulation is dropped
-                    exhausted = True
-                    optimizer.zero_grad(set_to_none=True)
-                    break
-                batch = tuple(x.to(device) for x in batch)
+            for j in range(cfg.grad_accum):
+                batch = micro_batch(plan, epoch, step_in_epoch * cfg.grad_accum + j)
                 out_terms = train_step(student, teacher, loss_fn, batch, cfg, amp_dtype)
                 scaler.scale(out_terms.loss / cfg.grad_accum).backward()
                 terms_sum += torch.stack([t.detach().float().cpu() for t in out_terms]) / cfg.grad_accum
                 n_tokens = int(batch[1].sum())
-                tokens += n_tokens
                 window_tokens += n_tokens
-            else:
+                progress_state["tokens"] += n_tokens
+            if torch.isfinite(terms_sum[0]):
                 scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
                 scaler.step(optimizer)
                 scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step += 1
-                progress.update(1)
-                if step % cfg.log_every == 0 or step == total_steps:
-                    now = time.time()
-                    record = {"step": step, **dict(zip(("loss", "loss_ce", "loss_mlm", "loss_cos"),
-                                                       terms_sum.tolist())),
-                              "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                              "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                              "memory_mb": _memory_mb(device)}
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    if writer:
-                        for key, value in record.items():
-                            if key != "step":
-                                writer.add_scalar(key, value, step)
-                    progress.set_postfix(loss=f"{record['loss']:.3f}")
-                    window_tokens, window_start = 0, now
-                if cfg.save_every and step % cfg.save_every == 0:
-                    _save_checkpoint(out, student, optimizer, scheduler, scaler, step, epoch)
-        epoch += 1
+                progress_state["bad_steps"] = 0
+            else:  # the step is skipped: no update; the data and the schedule move on
+                grad_norm = float("nan")
+                progress_state["bad_steps"] += 1
+                progress_state["skipped_steps"] += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step, step_in_epoch = step + 1, step_in_epoch + 1
+            progress.update(1)
+            progress_state.update(step=step, epoch=epoch, step_in_epoch=step_in_epoch)
+            if progress_state["bad_steps"] > cfg.max_bad_steps:
+                save()
+                raise ValueError(f"{progress_state['bad_steps']} consecutive steps had a NaN or inf loss (more "
+                                 f"than --max-bad-steps {cfg.max_bad_steps}); the last good state is in "
+                                 f"{out / 'checkpoints'}")
+            if step % cfg.log_every == 0 or step == total_steps:
+                now = time.time()
+                record = {"step": step, **dict(zip(("loss", "loss_ce", "loss_mlm", "loss_cos"), terms_sum.tolist())),
+                          "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                          "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                          "memory_mb": _memory_mb(device)}
+                window_tokens, window_start = 0, now
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if writer:
+                    for key, value in record.items():
+                        if key != "step":
+                            writer.add_scalar(key, value, step)
+                progress.set_postfix(loss=f"{record['loss']:.3f}")
+            if cfg.save_every and step % cfg.save_every == 0:
+                save()
+        if step_in_epoch == steps_per_epoch:  # an epoch's last, incomplete accumulation is dropped
+            epoch, step_in_epoch = epoch + 1, 0
+            progress_state.update(epoch=epoch, step_in_epoch=0)
     progress.close()
-    wall = time.time() - start
+    stop.restore()
+    if writer:
+        writer.close()
+    if stop.signal:
+        save()
+        return {"stopped_by": stop.signal, "steps": step,
+                "checkpoint": str(checkpoint.checkpoints(out / "checkpoints")[-1])}
+    wall = progress_state["wall_s"] + time.time() - start
 
     export = out / "student"
     student.save_pretrained(export)
     tokenizer.save_pretrained(export)
-    heldout_batches = list(masked_batches(heldout, epoch=-1))
-    summary = {"steps": step, "epochs_started": epoch, "wall_s": wall, "train_sequences": len(train_set),
-               "heldout_sequences": len(heldout), "train_tokens": tokens,
-               "train_tokens_per_s": tokens / max(wall, 1e-9),
+    heldout_plan = data.length_grouped_batches([len(ids) for ids in heldout["input_ids"]], cfg.batch_size,
+                                               cfg.seed, epoch=0)
+    heldout_batches = []
+    for index, indices in enumerate(heldout_plan):
+        ids, mask = data.collate(heldout[indices]["input_ids"], tokenizer.pad_token_id)
+        masked, labels = masker(ids, mask, data.rng(cfg.seed, HELDOUT_STREAM, index))
+        heldout_batches.append((masked, mask, labels))
+    summary = {"steps": step, "skipped_steps": progress_state["skipped_steps"], "epochs_started": epoch + (
+               step_in_epoch > 0), "wall_s": wall, "train_sequences": len(train_set),
+               "heldout_sequences": len(heldout), "train_tokens": progress_state["tokens"],
+               "train_tokens_per_s": progress_state["tokens"] / max(wall, 1e-9),
                "teacher_params": sum(p.numel() for p in teacher.parameters()),
                "student_params": sum(p.numel() for p in student.parameters()),
                **evaluate(teacher, student, heldout_batches, device)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    if writer:
-        writer.close()
     return summary
 
 
@@ -341,16 +393,61 @@ def _memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _save_checkpoint(out: Path, student, optimizer, scheduler, scaler, step: int, epoch: int) -> None:
-    """The full training state, written under a temporary name and renamed into place."""
-    directory = out / "checkpoints"
-    directory.mkdir(exist_ok=True)
-    state = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch}
-    final = directory / f"step-{step:08d}.pt"
-    tmp = final.with_name(final.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, final)
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _resume(cfg: TrainConfig, out: Path, student, optimizer, scheduler, scaler) -> dict | None:
+    """Loads the checkpoint --resume names into the training objects; returns its progress, or None."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "latest":
+        found = checkpoint.load_latest(out / "checkpoints")
+        if found is None:
+            raise ValueError(f"--resume: no whole checkpoint in {out / 'checkpoints'}")
+        path, state = found
+    else:
+        path = Path(cfg.resume)
+        if not path.is_dir():
+            raise ValueError(f"--resume {path}: not a checkpoint directory")
+        state = checkpoint.load(path)
+    student.load_state_dict(state["student"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    print(f"resuming from {path} (step {state['progress']['step']})", file=sys.stderr)
+    return state["progress"]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops the records a killed run logged after its last checkpoint, so the log continues seamlessly."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+class _StopOnSignal:
+    """SIGTERM (a preemption, torchrun stopping the job) or SIGINT: finish the current step, checkpoint, stop."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def cli(argv=None) -> int:

@@ -2,12 +2,13 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
 
-from fastdistil import data, train
+from fastdistil import checkpoint, data, train
 
 
 def model_dir(path, model_class=BertForMaskedLM, vocab_size=30522, layers=4):
@@ -83,7 +84,7 @@ def test_the_exported_student_gives_the_logits_it_was_trained_to(teacher_dir, co
     train.main(train.parse_args(args(teacher_dir, corpus, out, "--max-steps", "2", "--save-every", "2")))
     exported = AutoModelForMaskedLM.from_pretrained(out / "student").eval()
     trained = type(exported)(exported.config).eval()
-    state = torch.load(out / "checkpoints" / "step-00000002.pt", weights_only=True)["student"]
+    state = checkpoint.load(out / "checkpoints" / "step-00000002")["student"]
     trained.load_state_dict(state)
     assert not torch.equal(state["distilbert.transformer.layer.0.ffn.lin1.weight"],
                            AutoModelForMaskedLM.from_pretrained(teacher_dir).bert.encoder.layer[0]
@@ -91,6 +92,36 @@ def test_the_exported_student_gives_the_logits_it_was_trained_to(teacher_dir, co
     ids = torch.randint(1000, 2000, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(exported(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(teacher_dir, corpus, tmp_path):
+    out = tmp_path / "run"
+    flags = args(teacher_dir, corpus, out, "--max-steps", "4", "--save-every", "2", "--grad-accum", "2")
+    train.main(train.parse_args(flags))
+    straight_metrics = metrics_of(out)
+    straight = AutoModelForMaskedLM.from_pretrained(out / "student").state_dict()
+    # As if killed after step 3: the step-4 checkpoint and the export never happened, step 3 was logged.
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    shutil.rmtree(out / "student")
+    summary = train.main(train.parse_args([*flags, "--resume"]))
+    assert summary["steps"] == 4
+    assert metrics_of(out) == straight_metrics[:2] + [
+        {**m, "tokens_per_s": r["tokens_per_s"], "memory_mb": r["memory_mb"]}
+        for m, r in zip(straight_metrics[2:], metrics_of(out)[2:])]
+    resumed = AutoModelForMaskedLM.from_pretrained(out / "student").state_dict()
+    for name, tensor in straight.items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+def test_resume_skips_a_damaged_checkpoint_with_a_warning(teacher_dir, corpus, tmp_path):
+    out = tmp_path / "run"
+    flags = args(teacher_dir, corpus, out, "--max-steps", "4", "--save-every", "2")
+    train.main(train.parse_args(flags))
+    state = out / "checkpoints" / "step-00000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # a write cut short
+    with pytest.warns(UserWarning, match="step-00000004"):
+        summary = train.main(train.parse_args([*flags, "--resume"]))
+    assert summary["steps"] == 4 and [m["step"] for m in metrics_of(out)] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
