@@ -1,6 +1,6 @@
-"""The original Hugging Face distiller's training step, ported: the baseline of bench/test_bench_train_step.py.
+"""The original Hugging Face distiller's training step, ported: the baseline of test_bench_train_step.py.
 
-This is a port of `Distiller.__init__` (the loss objects, the optimizer and the schedule), `Distiller.step` and
+A port of `Distiller.__init__` (the loss objects, the optimizer and the schedule), `Distiller.step` and
 `Distiller.optimize` from `distiller.py` of huggingface/transformers examples/research_projects/distillation
 (since March 2025 huggingface/transformers-research-projects, distillation/), in MLM mode with gradient
 accumulation 1, one process and no apex. The original no longer runs on current transformers and numpy, so
@@ -11,16 +11,16 @@ objects:
   attention_mask and all hidden states (the original sets output_hidden_states in both configs);
 - masked_select copies of both logit tensors on the non-padding rows, nn.KLDivLoss(batchmean) of
   log_softmax(s/T) against softmax(t/T) times T^2; nn.CrossEntropyLoss(ignore_index=-100) on the full student
-  logits; nn.CosineEmbeddingLoss(mean) on masked_select copies of the last hidden states with a target of ones;
+  logits; nn.CosineEmbeddingLoss(mean) on masked_select copies of the last hidden states, target all ones;
 - the NaN check, the .item() calls the original makes for its logs, loss.backward(), clip_grad_norm_,
   optimizer.step(), optimizer.zero_grad(), scheduler.step();
 - torch.optim.AdamW with the original's two parameter groups, betas (0.9, 0.98), torch's default (foreach)
   implementation, and transformers' linear warm-up schedule.
 
-Left out: the CLM and MSE terms (their weights are 0 in DistilBERT's recipe), multi-GPU, apex fp16, tensorboard
-and checkpoints (every 500 and 4000 steps in the original, not part of a step). `amp_dtype` is this port's one
-addition: bf16 runs the two forwards under torch.autocast and the loss on the logits as they come out, which is
-what "the same models with the reference loss" means in mixed precision.
+Left out: the CLM and MSE terms (their weights are 0 in DistilBERT's recipe), multi-GPU, apex fp16,
+tensorboard and checkpoints (every 500 and 4000 steps in the original, not part of a step). `amp_dtype` is
+this port's one addition: bf16 runs the two forwards under torch.autocast and the loss on the logits as they
+come out, which is what "the same models with the reference loss" means in mixed precision.
 """
 
 import math
@@ -34,9 +34,10 @@ class Distiller:
     """The state the original keeps across steps (models, loss objects, optimizer, schedule, log counters)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, num_train_optimization_steps: int, *,
-                 temperature: float = 2.0, alpha_ce: float = 5.0, alpha_mlm: float = 2.0, alpha_cos: float = 1.0,
-                 learning_rate: float = 5e-4, adam_epsilon: float = 1e-6, weight_decay: float = 0.0,
-                 warmup_prop: float = 0.05, max_grad_norm: float = 5.0, amp_dtype: torch.dtype | None = None):
+                 temperature: float = 2.0, alpha_ce: float = 5.0, alpha_mlm: float = 2.0,
+                 alpha_cos: float = 1.0, learning_rate: float = 5e-4, adam_epsilon: float = 1e-6,
+                 weight_decay: float = 0.0, warmup_prop: float = 0.05, max_grad_norm: float = 5.0,
+                 amp_dtype: torch.dtype | None = None):
         self.student = student
         self.teacher = teacher
         self.temperature = temperature
@@ -48,12 +49,16 @@ class Distiller:
         self.lm_loss_fct = nn.CrossEntropyLoss(ignore_index=-100)
         self.cosine_loss_fct = nn.CosineEmbeddingLoss(reduction="mean")
 
-        # Substring matches, as in the original: of DistilBERT's norms only embeddings.LayerNorm.weight matches.
+        # Substring matches, as in the original: of DistilBERT's norms only embeddings.LayerNorm.weight does.
         no_decay = ["bias", "LayerNorm.weight"]
         params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+
+        def decays(name: str) -> bool:
+            return not any(nd in name for nd in no_decay)
+
         groups = [
-            {"params": [p for n, p in params if not any(nd in n for nd in no_decay)], "weight_decay": weight_decay},
-            {"params": [p for n, p in params if any(nd in n for nd in no_decay)], "weight_decay": 0.0},
+            {"params": [p for n, p in params if decays(n)], "weight_decay": weight_decay},
+            {"params": [p for n, p in params if not decays(n)], "weight_decay": 0.0},
         ]
         self.optimizer = torch.optim.AdamW(groups, lr=learning_rate, eps=adam_epsilon, betas=(0.9, 0.98))
         warmup_steps = math.ceil(num_train_optimization_steps * warmup_prop)
@@ -113,7 +118,7 @@ class Distiller:
         self.n_sequences_epoch += input_ids.size(0)
 
     def optimize(self, loss: torch.Tensor) -> None:
-        """The NaN check, backward, clipping and the parameter update (every step at gradient accumulation 1)."""
+        """The NaN check, backward, clipping and the update (every step at gradient accumulation 1)."""
         if (loss != loss).data.any():
             raise FloatingPointError("NaN detected")  # the original logs and calls exit()
         loss.backward()

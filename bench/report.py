@@ -31,7 +31,7 @@ def load(path: Path) -> tuple[dict, dict]:
     results = defaultdict(lambda: defaultdict(dict))
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
-        if "provider" not in info:
+        if "provider" not in info or "N" not in info:  # not a triple-loss result (e.g. the training step's)
             continue
         results[info["dtype"]][info["N"]][info["provider"]] = {"stats": bench["stats"], **info}
     return results, data
@@ -109,8 +109,7 @@ def table(dtype: str, by_n: dict) -> str:
 
 
 def markdown(results: dict, data: dict) -> str:
-    head = header(data, results)
-    parts = ["## Triple loss, forward + backward (CPU)", "", head, ""]
+    parts = ["## Triple loss, forward + backward (CPU)", "", header(data, results), ""]
     for dtype in sorted(results, key=lambda d: DTYPE_ORDER.index(d) if d in DTYPE_ORDER else 99):
         parts += [table(dtype, results[dtype]), ""]
     everything = [r for by_n in results.values() for by_p in by_n.values() for r in by_p.values()]
@@ -122,19 +121,25 @@ def markdown(results: dict, data: dict) -> str:
         "returned when autograd freed it. *fused, fresh alloc*: the same with that buffer freed before every "
         "call (the first step: allocation and page faults included). "
         "*fused, no alloc*: `torch.ops.fastdistil.triple_loss_out` into gradient buffers allocated once (a "
-        "caller-owned workspace), the kernel alone. Peak mem: the most tensor memory held at once by tensors allocated during one "
-        "forward + backward, gradients included (profiler allocation events, `bench/memory.py`); (×) = "
-        "multiple of one [N, V] fp32 tensor. Floor = 3·N·V·itemsize bytes (read both logit tensors, write "
+        "caller-owned workspace), the kernel alone. Peak mem: the most tensor memory held at once by tensors "
+        "allocated during one forward + backward, gradients included (profiler allocation events, "
+        "`bench/memory.py`); (×) = multiple of one [N, V] fp32 tensor. Floor = 3·N·V·itemsize bytes (read both logit tensors, write "
         "the gradient) / measured copy bandwidth. Inputs: logits ~ N(0, 3²), 10 % padding, 15 % labelled "
         "rows, D = 768.",
     ]
-    if flagged or head.endswith("†"):
-        copy = data.get("machine_info", {}).get("copy_bandwidth", {})
-        worst = max(flagged + [copy.get("other_cpu_fraction") or 0])
-        parts += ["", f"† Other processes used more than {BUSY:.0%} of the CPUs while this was measured "
-                      f"(up to {worst:.0%}): such timings overstate the op's time (and a bandwidth measured "
-                      "so understates the machine's). Rerun on a quiet machine."]
-    return "\n".join(parts) + "\n"
+    return "\n".join(parts + busy_note(flagged, data, "op")) + "\n"
+
+
+def busy_note(flagged: list[float], data: dict, what: str) -> list[str]:
+    """The † footnote, when a timing (other processes' CPU shares `flagged`) or the copy bandwidth that the
+    header shows was measured on a busy machine."""
+    copy_busy = data.get("machine_info", {}).get("copy_bandwidth", {}).get("other_cpu_fraction") or 0
+    if not flagged and copy_busy <= BUSY:
+        return []
+    worst = max(flagged + [copy_busy])
+    return ["", f"† Other processes used more than {BUSY:.0%} of the CPUs while this was measured (up to "
+                f"{worst:.0%}): such timings overstate the {what}'s time (and a bandwidth measured so "
+                "understates the machine's). Rerun on a quiet machine."]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -187,21 +192,26 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Markdown table and plot of the triple-loss benchmark JSON.")
+def run(argv, name: str, what: str, load, markdown, plot) -> None:
+    """A report's command line: `load` the JSON, write {name}.md (`markdown`), {name}.png (`plot`), print."""
+    parser = argparse.ArgumentParser(description=f"Markdown table and plot of the {what} benchmark JSON.")
     parser.add_argument("bench_json", type=Path, help="file written by pytest --benchmark-json")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results",
-                        help="where triple_loss.md and triple_loss.png go (default: bench/results)")
+                        help=f"where {name}.md and {name}.png go (default: bench/results)")
     args = parser.parse_args(argv)
     results, data = load(args.bench_json)
     if not results:
-        sys.exit(f"report: no triple-loss results (extra_info with a provider) in {args.bench_json}")
+        sys.exit(f"report: no {what} results (extra_info with a provider) in {args.bench_json}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(results, data)
-    (args.out_dir / "triple_loss.md").write_text(text)
-    plot(results, args.out_dir / "triple_loss.png")
+    (args.out_dir / f"{name}.md").write_text(text)
+    plot(results, args.out_dir / f"{name}.png")
     print(text)
-    print(f"wrote {args.out_dir / 'triple_loss.md'} and {args.out_dir / 'triple_loss.png'}")
+    print(f"wrote {args.out_dir / f'{name}.md'} and {args.out_dir / f'{name}.png'}")
+
+
+def main(argv=None) -> None:
+    run(argv, "triple_loss", "triple-loss", load, markdown, plot)
 
 
 if __name__ == "__main__":

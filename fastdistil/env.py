@@ -44,7 +44,8 @@ def report() -> str:
         elif triton_version is None:
             impl = "unfused reference (Triton is not installed: pip install triton)"
         else:
-            impl = f"Triton kernel (sm{major}{minor}; fp32/fp16" + (", bf16)" if major >= 8 else "; no bf16 on this chip)")
+            bf16 = ", bf16)" if major >= 8 else "; no bf16 on this chip)"
+            impl = f"Triton kernel (sm{major}{minor}; fp32/fp16{bf16}"
         lines.append(f"cuda:{index} {name}: triple_loss -> {impl}")
     return "\n".join(lines)
 

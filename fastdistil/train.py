@@ -4,6 +4,7 @@ Read top to bottom: the config, the data, the models, one training step, the loo
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForMaskedLM, AutoTokenizer, get_linear_schedule_with_warmup
 
 import fastdistil
-from fastdistil import checkpoint, data, mlm_head
+from fastdistil import checkpoint, data, distributed, mlm_head
 from fastdistil.student import make_student
 
 BUNDLED_TEACHER = data.DATA_DIR / "tiny-bert-teacher"
@@ -72,6 +74,7 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept
     resume: str | None = None  # "latest" (--resume alone: the newest in --output-dir) or a checkpoint directory
     max_bad_steps: int = 10  # consecutive NaN/inf-loss steps (each skipped) before the run stops
+    token_weighted: bool = False  # weight micro-batches and processes by their non-padding tokens
     log_every: int = 10
     seed: int = 56
     heldout_fraction: float = 0.02
@@ -226,9 +229,23 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def main(cfg: TrainConfig) -> dict:
+    out = Path(cfg.output_dir)
+    if distributed.restarted() and cfg.resume is None:  # torchrun brought the job back: continue it
+        has_checkpoint = bool(checkpoint.checkpoints(out / "checkpoints"))
+        cfg = dataclasses.replace(cfg, resume="latest" if has_checkpoint else None, overwrite=True)
     check_config(cfg)
+    procs = distributed.init(device_of(cfg).type)
+    try:
+        return _distill(cfg, procs, out)
+    finally:
+        distributed.shutdown()
+
+
+def _distill(cfg: TrainConfig, procs: distributed.Processes, out: Path) -> dict:
     device = device_of(cfg)
-    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        device = torch.device("cuda", procs.local_rank)
+    torch.manual_seed(cfg.seed)  # the same initial student (random init) on every rank
     tokenizer_name = cfg.tokenizer or cfg.teacher
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
@@ -238,6 +255,10 @@ def main(cfg: TrainConfig) -> dict:
     teacher = load_teacher(cfg, tokenizer, device)
     layers = None if cfg.student_layers is None else [int(i) for i in cfg.student_layers.split(",")]
     student = make_student(teacher, layers, cfg.student_init).to(device).train()
+    model = student
+    if procs.world_size > 1:  # the frozen teacher is a plain replica on every rank
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[procs.local_rank] if device.type == "cuda" else None)
 
     corpus = data.load_corpus(cfg.dataset, cfg.dataset_config, text_column=cfg.text_column,
                               streaming=cfg.streaming, max_documents=cfg.max_documents)
@@ -247,10 +268,15 @@ def main(cfg: TrainConfig) -> dict:
         data.masking_probabilities(train_set, len(tokenizer), tokenizer.all_special_ids, cfg.mlm_smoothing),
         tokenizer.mask_token_id, len(tokenizer), cfg.mlm_prob)
 
+    # An optimizer step takes micro_per_step consecutive micro-batches of the epoch; micro-batch j of a step
+    # goes to rank j % world_size. So the order and content of every step depend on the seed, never on the
+    # number of processes: 2 processes with --grad-accum 1 compute what 1 process does with --grad-accum 2.
     lengths = [len(ids) for ids in train_set["input_ids"]]
-    steps_per_epoch = len(data.length_grouped_batches(lengths, cfg.batch_size, cfg.seed, 0)) // cfg.grad_accum
+    micro_per_step = cfg.grad_accum * procs.world_size
+    steps_per_epoch = len(data.length_grouped_batches(lengths, cfg.batch_size, cfg.seed, 0)) // micro_per_step
     if steps_per_epoch == 0:
-        raise ValueError(f"--grad-accum {cfg.grad_accum} exceeds the number of batches in an epoch")
+        raise ValueError(f"--grad-accum {cfg.grad_accum} x {procs.world_size} processes exceeds the number of "
+                         "batches in an epoch")
     if cfg.max_steps is not None:
         total_steps = cfg.max_steps
     elif cfg.epochs is not None:
@@ -272,116 +298,146 @@ def main(cfg: TrainConfig) -> dict:
     loss_fn = fastdistil.TripleLoss(cfg.temperature, cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos,
                                     cfg.restrict_ce_to_mask, backend="auto" if cfg.loss == "fused" else "reference")
 
-    out = Path(cfg.output_dir)
     progress_state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0, "wall_s": 0.0, "bad_steps": 0,
                       "skipped_steps": 0}
-    resumed = _resume(cfg, out, student, optimizer, scheduler, scaler)
-    if resumed is not None:
-        progress_state = resumed
-        _truncate_metrics(out / "metrics.jsonl", progress_state["step"])
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        for name in RUN_FILES:  # --overwrite: what an earlier run left goes, nothing else
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+    resumed = _resume(cfg, out, procs, student, optimizer, scheduler, scaler)
+    if procs.is_main:
+        if resumed is not None:
+            _truncate_metrics(out / "metrics.jsonl", resumed["step"])
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            for name in RUN_FILES:  # --overwrite: what an earlier run left goes, nothing else
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(
+            {**dataclasses.asdict(cfg), "world_size": procs.world_size,
+             "effective_batch": cfg.batch_size * micro_per_step}, indent=2))
+        print(f"distilling {total_steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {procs.world_size} = "
+              f"{cfg.batch_size * micro_per_step} sequences (batch x grad-accum x processes)", file=sys.stderr)
+    progress_state.update(resumed or {})
     writer = None
-    if cfg.tensorboard:
+    if cfg.tensorboard and procs.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(out / "tensorboard", purge_step=progress_state["step"] + 1)
 
     def save():
-        state = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                 "progress": {**progress_state, "wall_s": progress_state["wall_s"] + time.time() - start},
-                 "rng": _rng_state(), "config": dataclasses.asdict(cfg)}
-        checkpoint.save(out / "checkpoints", progress_state["step"], state, cfg.keep_last)
+        """Every rank takes part (its RNG state is gathered); rank 0 writes."""
+        rng_states = distributed.gather(_rng_state(), procs)
+        if procs.is_main:
+            state = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "progress": {**progress_state, "wall_s": progress_state["wall_s"] + time.time() - start},
+                     "rng": rng_states, "config": dataclasses.asdict(cfg)}
+            checkpoint.save(out / "checkpoints", progress_state["step"], state, cfg.keep_last)
+        distributed.barrier(procs)
 
     stop = _StopOnSignal()
     step, epoch, step_in_epoch = progress_state["step"], progress_state["epoch"], progress_state["step_in_epoch"]
     start = window_start = time.time()
     window_tokens = 0
-    progress = tqdm(total=total_steps, initial=step, desc="distilling", disable=total_steps == 0)
-    while step < total_steps and not stop.signal:
-        plan = data.length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
-        while step_in_epoch < steps_per_epoch and step < total_steps and not stop.signal:
-            terms_sum = torch.zeros(4)
-            for j in range(cfg.grad_accum):
-                batch = micro_batch(plan, epoch, step_in_epoch * cfg.grad_accum + j)
-                out_terms = train_step(student, teacher, loss_fn, batch, cfg, amp_dtype)
-                scaler.scale(out_terms.loss / cfg.grad_accum).backward()
-                terms_sum += torch.stack([t.detach().float().cpu() for t in out_terms]) / cfg.grad_accum
-                n_tokens = int(batch[1].sum())
-                window_tokens += n_tokens
-                progress_state["tokens"] += n_tokens
-            if torch.isfinite(terms_sum[0]):
-                scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
-                scaler.step(optimizer)
-                scaler.update()
-                progress_state["bad_steps"] = 0
-            else:  # the step is skipped: no update; the data and the schedule move on
-                grad_norm = float("nan")
-                progress_state["bad_steps"] += 1
-                progress_state["skipped_steps"] += 1
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step, step_in_epoch = step + 1, step_in_epoch + 1
-            progress.update(1)
-            progress_state.update(step=step, epoch=epoch, step_in_epoch=step_in_epoch)
-            if progress_state["bad_steps"] > cfg.max_bad_steps:
-                save()
-                raise ValueError(f"{progress_state['bad_steps']} consecutive steps had a NaN or inf loss (more "
-                                 f"than --max-bad-steps {cfg.max_bad_steps}); the last good state is in "
-                                 f"{out / 'checkpoints'}")
-            if step % cfg.log_every == 0 or step == total_steps:
-                now = time.time()
-                record = {"step": step, **dict(zip(("loss", "loss_ce", "loss_mlm", "loss_cos"), terms_sum.tolist())),
-                          "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                          "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                          "memory_mb": _memory_mb(device)}
-                window_tokens, window_start = 0, now
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if writer:
-                    for key, value in record.items():
-                        if key != "step":
-                            writer.add_scalar(key, value, step)
-                progress.set_postfix(loss=f"{record['loss']:.3f}")
-            if cfg.save_every and step % cfg.save_every == 0:
-                save()
-        if step_in_epoch == steps_per_epoch:  # an epoch's last, incomplete accumulation is dropped
-            epoch, step_in_epoch = epoch + 1, 0
-            progress_state.update(epoch=epoch, step_in_epoch=0)
-    progress.close()
-    stop.restore()
-    if writer:
-        writer.close()
-    if stop.signal:
-        save()
-        return {"stopped_by": stop.signal, "steps": step,
-                "checkpoint": str(checkpoint.checkpoints(out / "checkpoints")[-1])}
+    stopping = False
+    progress = tqdm(total=total_steps, initial=step, desc="distilling", disable=total_steps == 0 or not procs.is_main)
+    try:
+        while step < total_steps and not stopping:
+            plan = data.length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+            while step_in_epoch < steps_per_epoch and step < total_steps and not stopping:
+                first = step_in_epoch * micro_per_step
+                step_tokens = sum(lengths[i] for b in range(first, first + micro_per_step) for i in plan[b])
+                mine = range(first + procs.rank, first + micro_per_step, procs.world_size)
+                stats = torch.zeros(6)  # the 4 loss terms, weighted; non-padding tokens; whether a process must stop
+                for n, index in enumerate(mine):
+                    batch = micro_batch(plan, epoch, index)
+                    n_tokens = int(batch[1].sum())
+                    # DDP averages gradients over processes; the weights make the step the mean over micro-batches
+                    # (or over tokens, with --token-weighted), whatever their split over processes.
+                    weight = (n_tokens * procs.world_size / step_tokens if cfg.token_weighted
+                              else 1 / cfg.grad_accum)
+                    sync = n == len(mine) - 1 or procs.world_size == 1
+                    with contextlib.nullcontext() if sync else model.no_sync():
+                        out_terms = train_step(model, teacher, loss_fn, batch, cfg, amp_dtype)
+                        scaler.scale(out_terms.loss * weight).backward()
+                    stats[:4] += torch.stack([t.detach().float().cpu() for t in out_terms]) * weight
+                    stats[4] += n_tokens
+                stats[5] = stop.signal is not None
+                distributed.sum_across(stats, procs)
+                terms, stopping = stats[:4] / procs.world_size, bool(stats[5])
+                window_tokens += int(stats[4])
+                progress_state["tokens"] += int(stats[4])
+                if torch.isfinite(terms[0]):
+                    scaler.unscale_(optimizer)
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
+                    scaler.step(optimizer)
+                    scaler.update()
+                    progress_state["bad_steps"] = 0
+                else:  # the step is skipped: no update; the data and the schedule move on
+                    grad_norm = float("nan")
+                    progress_state["bad_steps"] += 1
+                    progress_state["skipped_steps"] += 1
+                optimizer.zero_grad(set_to_none=True)
+                with warnings.catch_warnings():  # after a skipped first step, torch warns of a skipped LR value
+                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
+                    scheduler.step()
+                step, step_in_epoch = step + 1, step_in_epoch + 1
+                progress.update(1)
+                progress_state.update(step=step, epoch=epoch, step_in_epoch=step_in_epoch)
+                if progress_state["bad_steps"] > cfg.max_bad_steps:
+                    save()
+                    raise ValueError(f"{progress_state['bad_steps']} consecutive steps had a NaN or inf loss (more "
+                                     f"than --max-bad-steps {cfg.max_bad_steps}); the last good state is in "
+                                     f"{out / 'checkpoints'}")
+                if procs.is_main and (step % cfg.log_every == 0 or step == total_steps):
+                    now = time.time()
+                    record = {"step": step, **dict(zip(("loss", "loss_ce", "loss_mlm", "loss_cos"), terms.tolist())),
+                              "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                              "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                              "memory_mb": _memory_mb(device)}
+                    window_tokens, window_start = 0, now
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    if writer:
+                        for key, value in record.items():
+                            if key != "step":
+                                writer.add_scalar(key, value, step)
+                    progress.set_postfix(loss=f"{record['loss']:.3f}")
+                if cfg.save_every and step % cfg.save_every == 0:
+                    save()
+            if step_in_epoch == steps_per_epoch:  # an epoch's last, incomplete step is dropped
+                epoch, step_in_epoch = epoch + 1, 0
+                progress_state.update(epoch=epoch, step_in_epoch=0)
+    finally:
+        progress.close()
+        stop.restore()
+        if writer:
+            writer.close()
+    if stopping:
+        if not (cfg.save_every and step % cfg.save_every == 0):
+            save()
+        return {"stopped_by_signal": True, "steps": step,
+                "checkpoint": str(out / "checkpoints" / f"{checkpoint.PREFIX}{step:08d}")}
     wall = progress_state["wall_s"] + time.time() - start
-
-    export = out / "student"
-    student.save_pretrained(export)
-    tokenizer.save_pretrained(export)
-    heldout_plan = data.length_grouped_batches([len(ids) for ids in heldout["input_ids"]], cfg.batch_size,
-                                               cfg.seed, epoch=0)
-    heldout_batches = []
-    for index, indices in enumerate(heldout_plan):
-        ids, mask = data.collate(heldout[indices]["input_ids"], tokenizer.pad_token_id)
-        masked, labels = masker(ids, mask, data.rng(cfg.seed, HELDOUT_STREAM, index))
-        heldout_batches.append((masked, mask, labels))
-    summary = {"steps": step, "skipped_steps": progress_state["skipped_steps"], "epochs_started": epoch + (
-               step_in_epoch > 0), "wall_s": wall, "train_sequences": len(train_set),
-               "heldout_sequences": len(heldout), "train_tokens": progress_state["tokens"],
-               "train_tokens_per_s": progress_state["tokens"] / max(wall, 1e-9),
-               "teacher_params": sum(p.numel() for p in teacher.parameters()),
-               "student_params": sum(p.numel() for p in student.parameters()),
-               **evaluate(teacher, student, heldout_batches, device)}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    summary = {}
+    if procs.is_main:
+        export = out / "student"
+        student.save_pretrained(export)
+        tokenizer.save_pretrained(export)
+        heldout_plan = data.length_grouped_batches([len(ids) for ids in heldout["input_ids"]], cfg.batch_size,
+                                                   cfg.seed, epoch=0)
+        heldout_batches = []
+        for index, indices in enumerate(heldout_plan):
+            ids, mask = data.collate(heldout[indices]["input_ids"], tokenizer.pad_token_id)
+            masked, labels = masker(ids, mask, data.rng(cfg.seed, HELDOUT_STREAM, index))
+            heldout_batches.append((masked, mask, labels))
+        summary = {"steps": step, "skipped_steps": progress_state["skipped_steps"],
+                   "epochs_started": epoch + (step_in_epoch > 0), "wall_s": wall, "world_size": procs.world_size,
+                   "effective_batch": cfg.batch_size * micro_per_step, "train_sequences": len(train_set),
+                   "heldout_sequences": len(heldout), "train_tokens": progress_state["tokens"],
+                   "train_tokens_per_s": progress_state["tokens"] / max(wall, 1e-9),
+                   "teacher_params": sum(p.numel() for p in teacher.parameters()),
+                   "student_params": sum(p.numel() for p in student.parameters()),
+                   **evaluate(teacher, student, heldout_batches, device)}
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    distributed.barrier(procs)
     return summary
 
 
@@ -400,7 +456,8 @@ def _rng_state() -> dict:
     return state
 
 
-def _resume(cfg: TrainConfig, out: Path, student, optimizer, scheduler, scaler) -> dict | None:
+def _resume(cfg: TrainConfig, out: Path, procs: distributed.Processes, student, optimizer, scheduler, scaler
+            ) -> dict | None:
     """Loads the checkpoint --resume names into the training objects; returns its progress, or None."""
     if cfg.resume is None:
         return None
@@ -418,10 +475,13 @@ def _resume(cfg: TrainConfig, out: Path, student, optimizer, scheduler, scaler) 
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    print(f"resuming from {path} (step {state['progress']['step']})", file=sys.stderr)
+    if len(state["rng"]) == procs.world_size:  # with another number of processes, the seed alone decides
+        rng = state["rng"][procs.rank]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    if procs.is_main:
+        print(f"resuming from {path} (step {state['progress']['step']})", file=sys.stderr)
     return state["progress"]
 
 

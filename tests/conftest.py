@@ -42,3 +42,19 @@ def cpu_isa(request):
     _C.set_cpu_isa(request.param)
     yield request.param
     _C.set_cpu_isa("auto")
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """A tiny random 4-layer BERT masked LM with the bert-base-uncased vocabulary, saved with its tokenizer."""
+    from training_runs import model_dir
+
+    return model_dir(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """300 documents of the bundled Wikipedia sample as a .txt file."""
+    from training_runs import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "docs.txt")

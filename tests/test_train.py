@@ -1,48 +1,20 @@
 """python -m fastdistil.train end to end on a tiny teacher and a tiny corpus."""
 
-import json
 import math
 import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
+from transformers import AutoModelForMaskedLM, BertModel
 
 from fastdistil import checkpoint, data, train
-
-
-def model_dir(path, model_class=BertForMaskedLM, vocab_size=30522, layers=4):
-    """A save_pretrained directory of a tiny random BERT model beside the bundled tokenizer."""
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    model_class(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(data.BUNDLED_TOKENIZER).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    return model_dir(tmp_path_factory.mktemp("teacher"))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "docs.txt"
-    texts = data.load_corpus()["text"][:300]
-    path.write_text("\n".join(t.replace("\n", " ") for t in texts))
-    return path
-
-
-def args(teacher_dir, corpus, out, *extra):
-    return ["--teacher", str(teacher_dir), "--dataset", str(corpus), "--output-dir", str(out),
-            "--max-seq-len", "64", "--batch-size", "4", "--log-every", "1", *extra]
+from training_runs import args, metrics_of, model_dir
 
 
 def test_a_short_run_lowers_the_loss_and_leaves_a_loadable_student(teacher_dir, corpus, tmp_path):
     out = tmp_path / "run"
     summary = train.main(train.parse_args(args(teacher_dir, corpus, out, "--max-steps", "12", "--lr", "2e-3")))
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = metrics_of(out)
     assert [m["step"] for m in metrics] == list(range(1, 13))
     first, last = metrics[0]["loss"], sum(m["loss"] for m in metrics[-3:]) / 3
     assert last < first
@@ -57,14 +29,10 @@ def test_fused_and_reference_losses_give_the_same_first_steps(teacher_dir, corpu
     for loss in ("fused", "reference"):
         out = tmp_path / loss
         train.main(train.parse_args(args(teacher_dir, corpus, out, "--max-steps", "3", "--loss", loss)))
-        runs[loss] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[loss] = metrics_of(out)
     for a, b in zip(runs["fused"], runs["reference"]):
         for key in ("loss", "loss_ce", "loss_mlm", "loss_cos"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5)
-
-
-def metrics_of(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_a_run_is_a_function_of_its_seed(teacher_dir, corpus, tmp_path):

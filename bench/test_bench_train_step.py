@@ -1,0 +1,202 @@
+"""Non-padding tokens/s and peak extra memory of one training step: fastdistil against the original distiller.
+
+Providers, each from the same weights on the same batches, one optimizer step per round:
+  distiller                  the original Hugging Face distiller's step (bench/distiller_step.py): the
+                             unfused loss on masked_select copies, default (foreach) AdamW, .item() logs.
+  fastdistil                 what `python -m fastdistil.train` does per step: fastdistil.train.train_step with
+                             TripleLoss (backend auto: the C++ kernel), make_optimizer's fused AdamW.
+  fastdistil_reference_loss  the same with TripleLoss(backend="reference"): the loss's share of the gap.
+
+Teacher: BertForMaskedLM with bert-base's config and seeded random weights; student: make_student(teacher),
+6 layers from teacher layers 0, 2, 4, 7, 9, 11. Batches: 8 x 128 from the bundled Wikipedia sample, masked as
+the trainer masks them. fp32, and bf16 (torch.autocast around both forwards).
+
+    python -m pytest bench/test_bench_train_step.py --benchmark-json bench/results/train_step.json
+    python -m pytest bench/test_bench_train_step.py -k fp32      # precision and provider are in every test id
+    FASTDISTIL_BENCH_TINY=1 python -m pytest bench/test_bench_train_step.py      # smoke test: tiny models
+    python bench/train_step_report.py bench/results/train_step.json
+
+FASTDISTIL_BENCH_ROUNDS=N sets the timed rounds of every case (default: fp32 5, bf16 2; a full-size fp32 step
+takes ~20 s on two cores, a bf16 one several times that). FASTDISTIL_BENCH_TINY=1 swaps in a tiny teacher
+(hidden 64, 4 layers) and 2 x 32 batches. test_distiller_step_matches_fastdistil, not a benchmark, checks that
+the baseline computes what fastdistil computes.
+
+Every result's extra_info holds the precision, provider, batch shape, non-padding tokens per batch and per
+second (mean tokens of the timed batches / median step time), the peak extra memory of one step
+(bench/memory.py), the models' sizes and the other processes' share of the CPUs while it ran.
+"""
+
+import functools
+import itertools
+import math
+import os
+import statistics
+
+import pytest
+import torch
+from torch.nn.utils import clip_grad_norm_
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, get_linear_schedule_with_warmup
+
+import fastdistil
+from distiller_step import Distiller
+from fastdistil import data
+from fastdistil.student import make_student
+from fastdistil.train import TrainConfig, make_optimizer, train_step
+from machine import CpuContention, load_average
+from memory import peak_extra_bytes
+
+TINY = os.environ.get("FASTDISTIL_BENCH_TINY", "0") == "1"
+SEED = 0
+VOCAB = 30522  # the bundled tokenizer's: the ids of real text index the teacher's embeddings
+# BertConfig's defaults are bert-base (hidden 768, 12 layers, 12 heads, intermediate 3072).
+TINY_TEACHER = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128)
+TINY_BATCH = (2, 32)  # (batch size, sequence length)
+BATCH = TINY_BATCH if TINY else (8, 128)
+N_BATCHES = 8  # the fixed batches every provider cycles through, in the same order
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # autocast dtype, as fastdistil.train maps --precision
+PROVIDERS = ("distiller", "fastdistil", "fastdistil_reference_loss")
+ROUNDS = {"fp32": 5, "bf16": 2}
+if "FASTDISTIL_BENCH_ROUNDS" in os.environ:
+    ROUNDS = dict.fromkeys(ROUNDS, int(os.environ["FASTDISTIL_BENCH_ROUNDS"]))
+WARMUP_ROUNDS = 1
+# The schedule of a run this long; the benchmark times its first steps (in warm-up, where lr is small: the
+# optimizer does the same work at any lr).
+SCHEDULE_STEPS = 1000
+
+CASES = [(precision, provider) for precision in PRECISIONS for provider in PROVIDERS]
+
+
+@functools.lru_cache(maxsize=None)
+def load_batches(batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(masked input_ids, attention_mask, labels) of the first N_BATCHES full batch_size x seq_len batches of
+    the trainer's first epoch (fastdistil.train's pipeline, seed and masking). Length grouping also yields
+    shorter batches; skipping them gives every round the same work, so that the median of a few rounds is the
+    time of a step."""
+    cfg = TrainConfig()
+    tokenizer = AutoTokenizer.from_pretrained(data.BUNDLED_TOKENIZER)
+    sequences = data.tokenize_corpus(data.load_corpus(), tokenizer, seq_len)
+    masker = data.DynamicMasker(
+        data.masking_probabilities(sequences, len(tokenizer), tokenizer.all_special_ids, cfg.mlm_smoothing),
+        tokenizer.mask_token_id, len(tokenizer), cfg.mlm_prob)
+    full = []
+    epoch = data.batches(sequences, batch_size, cfg.seed, 0, tokenizer.pad_token_id)
+    for index, (ids, mask) in enumerate(epoch):
+        if ids.shape == (batch_size, seq_len):
+            masked, labels = masker(ids, mask, data.rng(cfg.seed, 0, index))
+            full.append((masked, mask, labels))
+            if len(full) == N_BATCHES:
+                break
+    return full
+
+
+@functools.lru_cache(maxsize=None)
+def make_teacher(tiny: bool) -> BertForMaskedLM:
+    torch.manual_seed(SEED)
+    config = BertConfig(vocab_size=VOCAB, layer_norm_eps=1e-12, **(TINY_TEACHER if tiny else {}))
+    return BertForMaskedLM(config).eval().requires_grad_(False)
+
+
+def make_step(provider: str, precision: str, student, teacher, warmup: float = TrainConfig.warmup):
+    """The callable that runs one optimizer step of `provider` on a batch and returns the loss."""
+    amp_dtype = PRECISIONS[precision]
+    if provider == "distiller":
+        distiller = Distiller(student, teacher, SCHEDULE_STEPS, warmup_prop=warmup, amp_dtype=amp_dtype)
+
+        def distiller_step(batch):
+            distiller.step(*batch)
+            return distiller.last_loss
+
+        return distiller_step
+
+    if provider not in ("fastdistil", "fastdistil_reference_loss"):
+        raise ValueError(f"unknown provider {provider!r}")
+    # fastdistil.train's optimizer, schedule and loss, with its defaults (the recipe's).
+    cfg = TrainConfig(precision=precision, warmup=warmup,
+                      loss="fused" if provider == "fastdistil" else "reference")
+    optimizer = make_optimizer(student, cfg)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup * SCHEDULE_STEPS),
+                                                SCHEDULE_STEPS)
+    loss_fn = fastdistil.TripleLoss(cfg.temperature, cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos,
+                                    cfg.restrict_ce_to_mask,
+                                    backend="auto" if cfg.loss == "fused" else "reference")
+
+    # The trainer's step at grad-accum 1 on one process (its GradScaler is off in fp32 and bf16).
+    def fastdistil_step(batch):
+        terms = train_step(student, teacher, loss_fn, batch, cfg, amp_dtype)
+        terms.loss.backward()
+        logged = torch.stack([t.detach().float().cpu() for t in terms])  # what it keeps for its log
+        if torch.isfinite(logged[0]):  # it skips the update of a NaN/inf step
+            clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return logged[0]
+
+    return fastdistil_step
+
+
+def test_distiller_step_matches_fastdistil():
+    """The baseline computes what fastdistil computes: two steps of each from the same weights on the same
+    batches give the same losses and the same updated weights (fp32, tiny models). Dropout is the one random
+    part of a step, so both students run in eval mode here."""
+    teacher = make_teacher(tiny=True)
+    batches = load_batches(*TINY_BATCH)[:2]
+    initial = {name: p.clone() for name, p in make_student(teacher).named_parameters()}
+    losses, weights = {}, {}
+    for provider in ("distiller", "fastdistil"):
+        student = make_student(teacher).eval()
+        step = make_step(provider, "fp32", student, teacher, warmup=0.0)  # lr > 0 from the first step
+        losses[provider] = [float(step(batch)) for batch in batches]
+        weights[provider] = {name: p.detach() for name, p in student.named_parameters()}
+
+    torch.testing.assert_close(losses["fastdistil"], losses["distiller"], rtol=1e-4, atol=0)
+    # Adam moves each weight by about lr per step whatever its gradient's scale, so weights are compared in
+    # units of lr: the kernel's rounding and fused vs foreach AdamW stay below 1e-3 lr here.
+    lr = TrainConfig.lr
+    moved = max((weights["distiller"][name] - before).abs().max() for name, before in initial.items())
+    assert moved > lr / 2, f"the distiller's steps did not update the student (largest change {moved:.3g})"
+    for name, expected in weights["distiller"].items():
+        torch.testing.assert_close(weights["fastdistil"][name], expected, rtol=0, atol=1e-2 * lr,
+                                   msg=lambda m, name=name: f"{name} after two steps: {m}")
+
+
+@pytest.mark.parametrize("precision,provider", CASES, ids=[f"{prec}-{prov}" for prec, prov in CASES])
+def test_train_step(benchmark, copy_bandwidth, precision, provider):
+    teacher = make_teacher(TINY)
+    student = make_student(teacher).train()  # the same weights for every provider: copied from the teacher
+    step = make_step(provider, precision, student, teacher)
+    batches = itertools.cycle(load_batches(*BATCH))
+    tokens = []  # non-padding tokens of each batch handed to a round
+
+    def next_batch():
+        batch = next(batches)
+        tokens.append(int(batch[1].sum()))
+        return (batch,), {}
+
+    rounds = ROUNDS[precision]
+    benchmark.group = f"train_step {precision}"
+    with CpuContention() as contention:
+        benchmark.pedantic(step, setup=next_batch, rounds=rounds, warmup_rounds=WARMUP_ROUNDS, iterations=1)
+    # Other processes' share of the CPUs while this ran: timings taken on a busy machine are not the step's.
+    benchmark.extra_info.update(other_cpu_fraction=contention.other_fraction, load_average=load_average())
+    # After the timing, on the next batch: the AdamW moments exist by now, so this is what a step allocates
+    # over what training holds between steps (weights and moments; zero_grad frees the gradients).
+    peak = peak_extra_bytes(step, next(batches))
+
+    tokens_per_batch = statistics.mean(tokens[-rounds:])
+    stats = benchmark.stats.stats if benchmark.stats else None  # None under --benchmark-disable
+    benchmark.extra_info.update(
+        precision=precision, provider=provider, tiny=TINY,
+        batch_size=BATCH[0], seq_len=BATCH[1],
+        tokens_per_batch=tokens_per_batch,
+        tokens_per_s=tokens_per_batch / stats.median if stats else None,
+        peak_extra_mb=peak / 1e6,
+        teacher_params=sum(p.numel() for p in teacher.parameters()),
+        student_params=sum(p.numel() for p in student.parameters()),
+        teacher_layers=teacher.config.num_hidden_layers,
+        student_layers=student.config.n_layers,
+        hidden_size=teacher.config.hidden_size,
+        copy_bandwidth_bytes_per_s=copy_bandwidth,
+        torch_threads=torch.get_num_threads(),
+        cpu_isa=fastdistil.extension.cpu_isa(),
+    )
