@@ -115,17 +115,15 @@ def markdown(results: dict, data: dict) -> str:
     everything = [r for by_n in results.values() for by_p in by_n.values() for r in by_p.values()]
     flagged = [r["other_cpu_fraction"] for r in everything if busy(r)]
     parts += [
-        "Median of timed rounds (pytest-benchmark, `benchmark.pedantic`); speed-up = reference median / "
-        "fused median. *fused*: `fastdistil.triple_loss(..., backend=\"cpp\")` then `loss.backward()`. "
-        "From its second call on, the op's [N, V] gradient reuses the buffer the previous step's gradient "
-        "returned when autograd freed it. *fused, fresh alloc*: the same with that buffer freed before every "
-        "call (the first step: allocation and page faults included). "
-        "*fused, no alloc*: `torch.ops.fastdistil.triple_loss_out` into gradient buffers allocated once (a "
-        "caller-owned workspace), the kernel alone. Peak mem: the most tensor memory held at once by tensors "
-        "allocated during one forward + backward, gradients included (profiler allocation events, "
-        "`bench/memory.py`); (×) = multiple of one [N, V] fp32 tensor. Floor = 3·N·V·itemsize bytes (read both logit tensors, write "
-        "the gradient) / measured copy bandwidth. Inputs: logits ~ N(0, 3²), 10 % padding, 15 % labelled "
-        "rows, D = 768.",
+        "Median of timed rounds (pytest-benchmark, `benchmark.pedantic`); speed-up = reference median / fused median. "
+        "*fused*: `fastdistil.triple_loss(..., backend=\"cpp\")` then `loss.backward()`. From its second call on, the "
+        "op's [N, V] gradient reuses the buffer the previous step's gradient returned when autograd freed it. *fused, "
+        "fresh alloc*: the same with that buffer freed before every call (the first step: allocation and page faults "
+        "included). *fused, no alloc*: `torch.ops.fastdistil.triple_loss_out` into gradient buffers allocated once (a "
+        "caller-owned workspace), the kernel alone. Peak mem: the most tensor memory held at once by tensors allocated"
+        " during one forward + backward, gradients included (profiler allocation events, `bench/memory.py`); (×) = "
+        "multiple of one [N, V] fp32 tensor. Floor = 3·N·V·itemsize bytes (read both logit tensors, write the "
+        "gradient) / measured copy bandwidth. Inputs: logits ~ N(0, 3²), 10 % padding, 15 % labelled rows, D = 768.",
     ]
     return "\n".join(parts + busy_note(flagged, data, "op")) + "\n"
 

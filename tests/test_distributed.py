@@ -1,0 +1,39 @@
+"""torchrun with 2 CPU processes (gloo) computes the same steps as 1 process accumulating 2 micro-batches."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastdistil import train
+from training_runs import args, launch, metrics_of
+
+TIMEOUT_S = 300
+
+
+@pytest.mark.parametrize("weighting", [[], ["--token-weighted"]], ids=["mean", "token-weighted"])
+def test_two_processes_equal_one_process_with_grad_accum_2(teacher_dir, corpus, tmp_path, weighting):
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(train.parse_args(args(teacher_dir, corpus, one, "--max-steps", "3", "--grad-accum", "2", *weighting)))
+    proc = launch(args(teacher_dir, corpus, two, "--max-steps", "3", "--grad-accum", "1", *weighting),
+                  torchrun=["--standalone", "--nproc-per-node", "2"])
+    _, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((two / "summary.json").read_text())
+    assert (summary["world_size"], summary["effective_batch"]) == (2, 8)
+    for a, b in zip(metrics_of(two), metrics_of(one), strict=True):
+        for key in ("loss", "loss_ce", "loss_mlm", "loss_cos", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+    weights_two = load_file(two / "student" / "model.safetensors")
+    for name, tensor in load_file(one / "student" / "model.safetensors").items():
+        torch.testing.assert_close(weights_two[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_token_weighting_changes_the_loss_when_batches_differ_in_length(teacher_dir, corpus, tmp_path):
+    losses = {}
+    for name, extra in (("mean", []), ("weighted", ["--token-weighted"])):
+        train.main(train.parse_args(args(teacher_dir, corpus, tmp_path / name, "--max-steps", "3",
+                                         "--grad-accum", "2", *extra)))
+        losses[name] = [m["loss"] for m in metrics_of(tmp_path / name)]
+    assert losses["mean"] != pytest.approx(losses["weighted"], rel=1e-7)
