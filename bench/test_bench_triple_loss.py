@@ -10,8 +10,8 @@ Providers, each measured side by side on the same inputs:
   eager      fastdistil.triple_loss_reference forward+backward, the recipe's unfused loss.
   compiled   torch.compile(triple_loss_reference), compiled and warmed up before timing.
 
-    PYTHONPATH=. python -m pytest bench/ --benchmark-json bench/results/triple_loss.json
-    PYTHONPATH=. python -m pytest bench/ -k "512 or 2048"     # quick subset; N is in every test id
+    python -m pytest bench/test_bench_triple_loss.py --benchmark-json bench/results/triple_loss.json
+    python -m pytest bench/test_bench_triple_loss.py -k "512 or 2048"     # quick subset; N is in every test id
     python bench/report.py bench/results/triple_loss.json
 
 Every result's extra_info holds N, V, D, dtype, provider, the peak extra memory of one call (bench/memory.py),

@@ -32,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", type=Path, help="continue pretraining this saved teacher (a second stage)")
     return p.parse_args(argv)
 
 
@@ -48,7 +49,7 @@ def main(argv=None):
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
                         num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
                         max_position_embeddings=args.max_seq_len, pad_token_id=tokenizer.pad_token_id)
-    model = BertForMaskedLM(config)
+    model = BertForMaskedLM.from_pretrained(args.init_from).float() if args.init_from else BertForMaskedLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
     warmup = max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
