@@ -4,8 +4,10 @@ Providers, each from the same weights on the same batches, one optimizer step pe
   distiller                  the original Hugging Face distiller's step (bench/distiller_step.py): the
                              unfused loss on masked_select copies, default (foreach) AdamW, .item() logs.
   fastdistil                 what `python -m fastdistil.train` does per step: fastdistil.train.train_step with
-                             TripleLoss (backend auto: the C++ kernel), make_optimizer's fused AdamW.
-  fastdistil_reference_loss  the same with TripleLoss(backend="reference"): the loss's share of the gap.
+                             --loss fused (vocabulary projection and loss fused, chunk by chunk: no [N, V]
+                             logits), make_optimizer's fused AdamW.
+  fastdistil_fused_logits    the same with --loss fused-logits: both models' logits, then the fused loss op.
+  fastdistil_reference_loss  the same with --loss reference: the logits, then the recipe's unfused loss.
 
 Teacher: BertForMaskedLM with bert-base's config and seeded random weights; student: make_student(teacher),
 6 layers from teacher layers 0, 2, 4, 7, 9, 11. Batches: 8 x 128 from the bundled Wikipedia sample, masked as
@@ -40,6 +42,7 @@ from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, get_linear_
 import fastdistil
 from distiller_step import Distiller
 from fastdistil import data
+from fastdistil.mlm_head import ProjectionInputs
 from fastdistil.student import make_student
 from fastdistil.train import TrainConfig, make_optimizer, train_step
 from machine import CpuContention, load_average
@@ -54,7 +57,8 @@ TINY_BATCH = (2, 32)  # (batch size, sequence length)
 BATCH = TINY_BATCH if TINY else (8, 128)
 N_BATCHES = 8  # the fixed batches every provider cycles through, in the same order
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # autocast dtype, as fastdistil.train maps --precision
-PROVIDERS = ("distiller", "fastdistil", "fastdistil_reference_loss")
+PROVIDERS = ("distiller", "fastdistil", "fastdistil_fused_logits", "fastdistil_reference_loss")
+LOSS_OF = {"fastdistil": "fused", "fastdistil_fused_logits": "fused-logits", "fastdistil_reference_loss": "reference"}
 ROUNDS = {"fp32": 5, "bf16": 2}
 if "FASTDISTIL_BENCH_ROUNDS" in os.environ:
     ROUNDS = dict.fromkeys(ROUNDS, int(os.environ["FASTDISTIL_BENCH_ROUNDS"]))
@@ -108,21 +112,18 @@ def make_step(provider: str, precision: str, student, teacher, warmup: float = T
 
         return distiller_step
 
-    if provider not in ("fastdistil", "fastdistil_reference_loss"):
+    if provider not in LOSS_OF:
         raise ValueError(f"unknown provider {provider!r}")
     # fastdistil.train's optimizer, schedule and loss, with its defaults (the recipe's).
-    cfg = TrainConfig(precision=precision, warmup=warmup,
-                      loss="fused" if provider == "fastdistil" else "reference")
+    cfg = TrainConfig(precision=precision, warmup=warmup, loss=LOSS_OF[provider])
     optimizer = make_optimizer(student, cfg)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup * SCHEDULE_STEPS),
                                                 SCHEDULE_STEPS)
-    loss_fn = fastdistil.TripleLoss(cfg.temperature, cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos,
-                                    cfg.restrict_ce_to_mask,
-                                    backend="auto" if cfg.loss == "fused" else "reference")
+    student_inputs, teacher_inputs = ProjectionInputs(student), ProjectionInputs(teacher)
 
     # The trainer's step at grad-accum 1 on one process (its GradScaler is off in fp32 and bf16).
     def fastdistil_step(batch):
-        terms = train_step(student, teacher, loss_fn, batch, cfg, amp_dtype)
+        terms = train_step(student_inputs, teacher_inputs, batch, cfg, amp_dtype)
         terms.loss.backward()
         logged = torch.stack([t.detach().float().cpu() for t in terms])  # what it keeps for its log
         if torch.isfinite(logged[0]):  # it skips the update of a NaN/inf step

@@ -13,13 +13,15 @@ from pathlib import Path
 
 from report import busy, busy_note, fmt_ms, header, median, run
 
-PROVIDERS = ("distiller", "fastdistil", "fastdistil_reference_loss")
+PROVIDERS = ("distiller", "fastdistil", "fastdistil_fused_logits", "fastdistil_reference_loss")
 LABELS = {
     "distiller": "original distiller (baseline)",
-    "fastdistil": "fastdistil (fused loss, fused AdamW)",
+    "fastdistil": "fastdistil (fused projection + loss, fused AdamW)",
+    "fastdistil_fused_logits": "fastdistil, logits then fused loss",
     "fastdistil_reference_loss": "fastdistil, reference loss",
 }
-COLORS = {"distiller": "tab:red", "fastdistil": "tab:blue", "fastdistil_reference_loss": "tab:orange"}
+COLORS = {"distiller": "tab:red", "fastdistil": "tab:blue", "fastdistil_fused_logits": "tab:green",
+          "fastdistil_reference_loss": "tab:orange"}
 PRECISION_ORDER = ("fp32", "bf16")
 TARGET = ("fp32", 1.3)  # the issue's bar: fastdistil's non-padding tokens/s over the distiller's, in fp32
 
@@ -99,8 +101,10 @@ def markdown(results: dict, data: dict) -> str:
         "tokens/s = mean non-padding tokens of the timed batches / median step time; vs distiller = ratio of "
         "tokens/s. *original distiller*: `bench/distiller_step.py`, a port of the Hugging Face distiller's "
         "`step` and `optimize` (unfused loss on `masked_select` copies, foreach AdamW, its `.item()` logs). "
-        "*fastdistil*: what `python -m fastdistil.train` does per step (`train_step` with the fused triple "
-        "loss, fused AdamW). *fastdistil, reference loss*: the same with the unfused reference loss, so its "
+        "*fastdistil*: what `python -m fastdistil.train` does per step (`train_step` with `--loss fused`: "
+        "the vocabulary projections and the triple loss fused chunk by chunk, no [N, V] logits; fused AdamW). "
+        "*logits then fused loss*: `--loss fused-logits`, both models' logits and then the fused loss op. "
+        "*fastdistil, reference loss*: `--loss reference`, the logits and then the unfused recipe loss, so its "
         "gap to *fastdistil* is the loss's share. bf16: both forwards under `torch.autocast`. Peak extra "
         "memory: the most tensor memory held at once by tensors allocated during one step, over the weights "
         "and AdamW moments held between steps (profiler allocation events, `bench/memory.py`).",

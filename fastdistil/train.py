@@ -25,6 +25,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, get_linear_schedul
 
 import fastdistil
 from fastdistil import checkpoint, data, distributed, mlm_head
+from fastdistil.triple_loss_output import TripleLossOutput
 from fastdistil.student import make_student
 
 BUNDLED_TEACHER = data.DATA_DIR / "tiny-bert-teacher"
@@ -68,7 +69,9 @@ class TrainConfig:
     student_layers: str | None = None  # e.g. "0,2,4,7,9,11"; default: the recipe's choice
     student_init: str = "teacher"  # or "random"
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    loss: str = "fused"  # fused | reference
+    # fused: projection and loss chunk by chunk, no [N, V] logits; fused-logits: the logits, then the fused
+    # loss op; reference: the logits, then the recipe's unfused loss
+    loss: str = "fused"
     device: str = "auto"  # auto | cpu | cuda
     save_every: int = 0  # optimizer steps between checkpoints; 0: none (SIGTERM still saves one)
     keep_last: int = 3  # checkpoints kept
@@ -81,7 +84,7 @@ class TrainConfig:
     tensorboard: bool = False
 
 
-CHOICES = {"precision": ("fp32", "bf16", "fp16"), "loss": ("fused", "reference"),
+CHOICES = {"precision": ("fp32", "bf16", "fp16"), "loss": ("fused", "fused-logits", "reference"),
            "device": ("auto", "cpu", "cuda"), "student_init": ("teacher", "random")}
 
 
@@ -190,15 +193,32 @@ def make_optimizer(student: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ad
                              fused=device.type in ("cpu", "cuda"))
 
 
-def train_step(student, teacher, loss_fn, batch, cfg: TrainConfig, amp_dtype):
-    """Forward of both models and the triple loss of one micro-batch; returns the loss terms."""
+def train_step(student: torch.nn.Module, teacher: mlm_head.ProjectionInputs, batch, cfg: TrainConfig, amp_dtype
+               ) -> TripleLossOutput:
+    """Both models' forward and the triple loss of one micro-batch. `student` is a ProjectionInputs, or the
+    DistributedDataParallel wrapping one."""
     input_ids, attention_mask, labels = batch
     with torch.autocast(input_ids.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         with torch.no_grad():
-            t = teacher(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        s = student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    # The loss always runs in fp32 inside the kernel, whatever the logits' dtype.
-    return loss_fn(s.logits, t.logits, labels, s.hidden_states[-1], t.hidden_states[-1], attention_mask)
+            t_input, t_hidden = teacher(input_ids, attention_mask)
+        s_input, s_hidden = student(input_ids, attention_mask)
+    s_proj = mlm_head.projection(getattr(student, "module", student).model)
+    t_proj = mlm_head.projection(teacher.model)
+    weights = [s_proj.weight, s_proj.bias, t_proj.weight, t_proj.bias]
+    if amp_dtype is not None:  # the cast autocast would apply to the projection (F.linear)
+        s_input, t_input = s_input.to(amp_dtype), t_input.to(amp_dtype)
+        weights = [None if w is None else w.to(amp_dtype) for w in weights]
+    s_weight, s_bias, t_weight, t_bias = weights
+    loss_args = (labels, s_hidden, t_hidden, attention_mask, cfg.temperature, cfg.alpha_ce, cfg.alpha_mlm,
+                 cfg.alpha_cos, cfg.restrict_ce_to_mask)
+    # The loss always runs in fp32 inside the kernels, whatever the inputs' dtype.
+    if cfg.loss == "fused":
+        return fastdistil.fused_linear_triple_loss(s_input, s_weight, s_bias, t_input.detach(), t_weight, t_bias,
+                                                   *loss_args)
+    s_logits = torch.nn.functional.linear(s_input, s_weight, s_bias)
+    t_logits = torch.nn.functional.linear(t_input, t_weight, t_bias)
+    backend = "reference" if cfg.loss == "reference" else "auto"
+    return fastdistil.triple_loss(s_logits, t_logits, *loss_args, backend=backend)
 
 
 @torch.no_grad()
@@ -255,10 +275,10 @@ def _distill(cfg: TrainConfig, procs: distributed.Processes, out: Path) -> dict:
     teacher = load_teacher(cfg, tokenizer, device)
     layers = None if cfg.student_layers is None else [int(i) for i in cfg.student_layers.split(",")]
     student = make_student(teacher, layers, cfg.student_init).to(device).train()
-    model = student
+    model, teacher_inputs = mlm_head.ProjectionInputs(student), mlm_head.ProjectionInputs(teacher)
     if procs.world_size > 1:  # the frozen teacher is a plain replica on every rank
         model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[procs.local_rank] if device.type == "cuda" else None)
+            model, device_ids=[procs.local_rank] if device.type == "cuda" else None)
 
     corpus = data.load_corpus(cfg.dataset, cfg.dataset_config, text_column=cfg.text_column,
                               streaming=cfg.streaming, max_documents=cfg.max_documents)
@@ -295,8 +315,6 @@ def _distill(cfg: TrainConfig, procs: distributed.Processes, out: Path) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     optimizer = make_optimizer(student, cfg)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup * total_steps), max(total_steps, 1))
-    loss_fn = fastdistil.TripleLoss(cfg.temperature, cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos,
-                                    cfg.restrict_ce_to_mask, backend="auto" if cfg.loss == "fused" else "reference")
 
     progress_state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "tokens": 0, "wall_s": 0.0, "bad_steps": 0,
                       "skipped_steps": 0}
@@ -355,7 +373,7 @@ def _distill(cfg: TrainConfig, procs: distributed.Processes, out: Path) -> dict:
                               else 1 / cfg.grad_accum)
                     sync = n == len(mine) - 1 or procs.world_size == 1
                     with contextlib.nullcontext() if sync else model.no_sync():
-                        out_terms = train_step(model, teacher, loss_fn, batch, cfg, amp_dtype)
+                        out_terms = train_step(model, teacher_inputs, batch, cfg, amp_dtype)
                         scaler.scale(out_terms.loss * weight).backward()
                     stats[:4] += torch.stack([t.detach().float().cpu() for t in out_terms]) * weight
                     stats[4] += n_tokens

@@ -26,13 +26,14 @@ def test_a_short_run_lowers_the_loss_and_leaves_a_loadable_student(teacher_dir, 
 
 def test_fused_and_reference_losses_give_the_same_first_steps(teacher_dir, corpus, tmp_path):
     runs = {}
-    for loss in ("fused", "reference"):
+    for loss in ("fused", "fused-logits", "reference"):
         out = tmp_path / loss
         train.main(train.parse_args(args(teacher_dir, corpus, out, "--max-steps", "3", "--loss", loss)))
         runs[loss] = metrics_of(out)
-    for a, b in zip(runs["fused"], runs["reference"]):
-        for key in ("loss", "loss_ce", "loss_mlm", "loss_cos"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5)
+    for fused in ("fused", "fused-logits"):
+        for a, b in zip(runs[fused], runs["reference"], strict=True):
+            for key in ("loss", "loss_ce", "loss_mlm", "loss_cos"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (fused, key)
 
 
 def test_a_run_is_a_function_of_its_seed(teacher_dir, corpus, tmp_path):

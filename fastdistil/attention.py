@@ -1,0 +1,271 @@
+"""Bidirectional attention for the student: torch.ops.fastdistil.attention, its Python API, its autograd and its
+hook into transformers' attention registry.
+
+    out = softmax(q k^T * scale, keys where key_padding_mask is 0 excluded), dropped out with probability
+          dropout_p and rescaled by 1 / (1 - dropout_p), times v
+
+A query row whose keys are all padding (a sequence that is all padding) gets output 0 and gradient 0, never NaN.
+
+fastdistil::attention decomposes (CompositeImplicitAutograd) into, per DESIGN.md's support matrix:
+- the fused Triton kernel (kernels/attention.py) on CUDA GPUs of compute capability 8.0 and newer, through the
+  private ops fastdistil::_attention_forward / _attention_backward (CUDA kernels, fake kernels and autograd
+  registered here, so torch.compile sees them as opaque ops);
+- PyTorch's scaled_dot_product_attention elsewhere: on CPU, on Volta (its memory-efficient kernel; Triton
+  runs tl.dot on CUDA cores there) and for head dims or dtypes the kernel does not cover.
+The dropout of the Triton kernel is keyed by a seed drawn on the device from torch's generator, so
+torch.manual_seed makes it reproducible and nothing waits for the host.
+"""
+
+import functools
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Backend = Literal["auto", "triton", "sdpa"]
+BACKENDS = ("auto", "triton", "sdpa")
+HEAD_DIMS = (32, 64, 128)  # kernels.attention.HEAD_DIMS; not imported, as that imports Triton
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_inputs(q, k, v, key_padding_mask, dropout_p: float, scale: float | None, triton: bool) -> None:
+    """Raises TypeError/ValueError naming the offending argument. triton: also the kernel's own limits."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"attention: {name} must be [B, H, L, Dh], got shape {tuple(x.shape)}")
+        if x.dtype not in DTYPES:
+            raise TypeError(f"attention: {name} must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.device != q.device or x.dtype != q.dtype:
+            raise ValueError(f"attention: {name} is {x.dtype} on {x.device} but q is {q.dtype} on {q.device}; "
+                             "expected one dtype and device")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"attention: q, k and v must have one shape [B, H, L, Dh] (self-attention), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
+    if triton and q.size(-1) not in HEAD_DIMS:
+        raise ValueError(f"attention: the Triton kernel takes head dims {HEAD_DIMS}, got q.size(-1) = {q.size(-1)}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"attention: key_padding_mask must be a torch.Tensor or None, got "
+                            f"{type(key_padding_mask).__name__}")
+        if key_padding_mask.is_floating_point() or key_padding_mask.is_complex():
+            raise TypeError("attention: key_padding_mask must be bool or integer (1 = real token, 0 = padding), "
+                            f"got {key_padding_mask.dtype}")
+        expected = (q.size(0), q.size(2))
+        if tuple(key_padding_mask.shape) != expected:
+            raise ValueError(f"attention: key_padding_mask must have shape [B, L] = {expected}, got "
+                             f"{tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"attention: key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is not None and not (scale > 0 and scale < float("inf")):
+        raise ValueError(f"attention: scale must be a positive finite number or None (1 / sqrt(Dh)), got {scale}")
+
+
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    return q.size(-1) ** -0.5 if scale is None else float(scale)
+
+
+def _sdpa(q, k, v, key_padding_mask, dropout_p: float, scale: float | None) -> torch.Tensor:
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    real = key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask != 0
+    # Some SDPA kernels give NaN rows (and gradients) when every key is masked: such a sequence attends to all
+    # its keys instead and its output is then set to the documented 0, which also zeroes its gradient.
+    empty = ~real.any(dim=-1)[:, None, None, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=(real[:, None, None, :] | empty),
+                                         dropout_p=dropout_p, scale=scale)
+    return out.masked_fill(empty, 0.0)
+
+
+def _seed(q: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """[1] int64 Philox seed on q's device, from torch's generator; without dropout the kernels never read it."""
+    if dropout_p == 0:
+        return q.new_empty(1, dtype=torch.int64)
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+
+
+# The Triton kernels as CUDA ops. Their bodies import the launchers lazily: importing kernels.attention
+# compiles nothing yet but fixes Triton's interpreter/compiler mode, which a CPU test may still need to set.
+@torch.library.custom_op("fastdistil::_attention_forward", mutates_args=(), device_types="cuda")
+def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                       dropout_p: float, scale: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastdistil.kernels.attention import attention_forward
+
+    return attention_forward(q, k, v, key_padding_mask, dropout_p, scale, seed)
+
+
+@torch.library.custom_op("fastdistil::_attention_backward", mutates_args=(), device_types="cuda")
+def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        key_padding_mask: torch.Tensor | None, seed: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, dropout_p: float, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastdistil.kernels.attention import attention_backward
+
+    return attention_backward(grad_out, q, k, v, key_padding_mask, seed, out, lse, dropout_p, scale)
+
+
+def _empty_bhld(like: torch.Tensor) -> torch.Tensor:
+    # kernels.attention.empty_bhld, which fake tensors must match stride for stride
+    batch, heads, length, dim = like.shape
+    return like.new_empty((batch, length, heads, dim)).transpose(1, 2)
+
+
+@_attention_forward.register_fake
+def _(q, k, v, key_padding_mask, dropout_p, scale, seed):
+    return _empty_bhld(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@_attention_backward.register_fake
+def _(grad_out, q, k, v, key_padding_mask, seed, out, lse, dropout_p, scale):
+    return _empty_bhld(q), _empty_bhld(k), _empty_bhld(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, dropout_p, scale, seed = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, key_padding_mask, seed, out, lse)
+    ctx.dropout_p = dropout_p
+    ctx.scale = scale
+
+
+def _backward_with(backward_fn, ctx, grad_out, _grad_lse):
+    q, k, v, key_padding_mask, seed, out, lse = ctx.saved_tensors
+    dq, dk, dv = backward_fn(grad_out, q, k, v, key_padding_mask, seed, out, lse, ctx.dropout_p, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_forward.register_autograd(functools.partial(_backward_with, _attention_backward),
+                                     setup_context=_setup_context)
+
+
+class _TritonAttention(torch.autograd.Function):
+    """Autograd around the launchers called directly (backend="triton"), which also run on CPU tensors under
+    TRITON_INTERPRET=1; on CUDA, backend="auto" reaches the same launchers through the ops."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        from fastdistil.kernels.attention import attention_forward
+
+        output = attention_forward(*args)
+        _setup_context(ctx, args, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from fastdistil.kernels.attention import attention_backward
+
+        return _backward_with(attention_backward, ctx, *grads)
+
+
+def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, str]:
+    """(backend, why) that backend="auto" picks for inputs of this device, dtype and head dim."""
+    if device.type != "cuda":
+        return "sdpa", f"{device.type} tensors"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return "sdpa", f"sm{major}{minor}: Triton has no tensor-core matmul before sm80"
+    if dtype not in DTYPES or head_dim not in HEAD_DIMS:
+        return "sdpa", f"the Triton kernel takes {HEAD_DIMS} x fp32/fp16/bf16, got {head_dim} x {dtype}"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "sdpa", "Triton is not installed (pip install triton)"
+    return "triton", f"sm{major}{minor}"
+
+
+torch.library.define(
+    "fastdistil::attention",
+    "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None, float dropout_p=0.0, float? scale=None) -> Tensor",
+)
+
+
+@torch.library.impl("fastdistil::attention", "CompositeImplicitAutograd")
+def _attention_op(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None):
+    check_inputs(q, k, v, key_padding_mask, dropout_p, scale, triton=False)
+    if auto_backend(q.device, q.dtype, q.size(-1))[0] == "triton":
+        return torch.ops.fastdistil._attention_forward(q, k, v, key_padding_mask, dropout_p, _scale(q, scale),
+                                                        _seed(q, dropout_p))[0]
+    return _sdpa(q, k, v, key_padding_mask, dropout_p, scale)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Bidirectional multi-head attention with a key padding mask, fused on GPUs.
+
+    Args:
+        q, k, v: [B, H, L, Dh], one dtype (fp32, fp16 or bf16) and device. The Triton kernel takes Dh in
+            (32, 64, 128) and accumulates in fp32.
+        key_padding_mask: [B, L] bool or integer, transformers' attention_mask convention: 1/True = real token,
+            0 = padding (never attended to). None: every key is real.
+        dropout_p: attention dropout probability in [0, 1); pass 0 in evaluation.
+        scale: multiplies q k^T; None means 1 / sqrt(Dh).
+        backend: "auto" (torch.ops.fastdistil.attention: Triton on sm80+ GPUs, else SDPA), "triton" (the kernel
+            on any tensors Triton accepts, CPU ones under TRITON_INTERPRET=1) or "sdpa".
+
+    Returns:
+        [B, H, L, Dh] in q's dtype; rows of a sequence without real keys are 0.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention: backend must be one of {BACKENDS}, got {backend!r}")
+    dropout_p = float(dropout_p)
+    check_inputs(q, k, v, key_padding_mask, dropout_p, scale, triton=backend == "triton")
+    if backend == "auto":
+        return torch.ops.fastdistil.attention(q, k, v, key_padding_mask, dropout_p, scale)
+    if backend == "sdpa":
+        return _sdpa(q, k, v, key_padding_mask, dropout_p, scale)
+    return _TritonAttention.apply(q, k, v, key_padding_mask, dropout_p, _scale(q, scale), _seed(q, dropout_p))[0]
+
+
+# transformers integration ----------------------------------------------------------------------------------
+
+
+def _transformers_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                       attention_mask=None, **kwargs):
+    """The mask builder transformers calls for attn_implementation="fastdistil": the [B, L] bool padding mask
+    itself (or None) when the mask is plain bidirectional self-attention with padding, the usual 4-D SDPA
+    mask otherwise (which _transformers_attention then hands to SDPA)."""
+    from transformers import masking_utils
+
+    if (mask_function is masking_utils.bidirectional_mask_function and q_offset == 0 and kv_offset == 0
+            and q_length == kv_length and (attention_mask is None or attention_mask.shape[-1] == kv_length)):
+        return attention_mask
+    return masking_utils.sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                                   attention_mask, **kwargs)
+
+
+def _transformers_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, *,
+                            backend: Backend = "auto", **kwargs):
+    """transformers' attention-function signature: [B, H, L, Dh] inputs, returns ([B, L, H, Dh], None)."""
+    if (attention_mask is not None and attention_mask.dim() != 2) or not (query.shape == key.shape == value.shape):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if backend == "triton" and query.size(-1) not in HEAD_DIMS:
+        backend = "sdpa"
+    out = attention(query, key, value, attention_mask, dropout, scaling, backend=backend)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_with_transformers(backend: Backend = "auto") -> None:
+    """Registers attn_implementation="fastdistil" with transformers, so that e.g.
+    DistilBertForMaskedLM.from_pretrained(path, attn_implementation="fastdistil") or
+    model.set_attn_implementation("fastdistil") runs this attention. Idempotent; calling it again with another
+    backend replaces the registration."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if backend not in BACKENDS:
+        raise ValueError(f"register_with_transformers: backend must be one of {BACKENDS}, got {backend!r}")
+    AttentionInterface.register("fastdistil", functools.partial(_transformers_attention, backend=backend))
+    AttentionMaskInterface.register("fastdistil", _transformers_mask)

@@ -1,0 +1,307 @@
+"""Triton implementation of fastdistil::_attention_forward / _attention_backward: bidirectional attention for the
+student with a key padding mask and attention dropout, FlashAttention-2 style.
+
+Forward: one program per (query block, batch x head); it keeps its query tile and streams the key/value blocks
+with an online softmax (running max and sum, base 2), so no [L, L] matrix exists, and stores the row's
+logsumexp. Backward: a preprocess kernel computes delta = rowsum(dO * O); then one program per (block, batch x
+head) recomputes the probabilities from the saved logsumexp, first accumulating dK and dV of its key block over
+every query block, then dQ of its query block over every key block, so no two programs write the same memory
+and no atomics are needed. Unlike the Triton tutorial's backward, nothing assumes causality or L a multiple of
+the block: keys that are padding or past L are masked in every tile.
+
+Dropout keeps a probability with chance 1 - p, decided by Philox (tl.rand) keyed by a seed read from the
+device and countered by the element's index in [B, H, L, L]: the backward regenerates exactly the forward's
+mask, which is never stored. A query row without a real key (a sequence that is all padding) gets output 0,
+logsumexp +inf (so that exp(s - lse) = 0 in the backward) and zero gradients.
+
+Products are accumulated in fp32; the probabilities and dS are rounded to the input dtype before their
+matmuls, as FlashAttention does, so that fp16/bf16 tiles run on tensor cores.
+"""
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+HEAD_DIMS = (32, 64, 128)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_BLOCK_M = 64  # forward query block
+_BLOCK_N = 64  # forward key block
+
+
+@triton.jit
+def _scores(q, k, offs_n, mask_row, L, qk_scale, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    # [BLOCK_M, BLOCK_N] scores in base 2 (times log2 e), -inf where the key is padding or past L
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    valid = offs_n < L
+    if HAS_MASK:
+        valid &= tl.load(mask_row + offs_n, mask=offs_n < L, other=0) != 0
+    return tl.where(valid[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _dropout_scale(seed, bh, offs_m, offs_n, L, dropout_p):
+    # [BLOCK_M, BLOCK_N] 1 / (1 - p) where kept, 0 where dropped. bh is int64: the counter passes 2^31 at
+    # B * H * L^2 > 2^31 (e.g. 32 x 12 x 2400^2).
+    counter = (bh * L + offs_m[:, None]) * L + offs_n[None, :]
+    return tl.where(tl.rand(seed, counter) >= dropout_p, 1.0 / (1.0 - dropout_p), 0.0)
+
+
+@triton.jit
+def _load_rows(ptr, offs, stride, L, HEAD_DIM: tl.constexpr):
+    # [len(offs), HEAD_DIM] rows of one head, 0 past L
+    cols = tl.arange(0, HEAD_DIM)
+    return tl.load(ptr + offs[:, None] * stride + cols[None, :], mask=offs[:, None] < L, other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, offs, stride, L, value, HEAD_DIM: tl.constexpr):
+    cols = tl.arange(0, HEAD_DIM)
+    tl.store(ptr + offs[:, None] * stride + cols[None, :], value.to(ptr.dtype.element_ty), mask=offs[:, None] < L)
+
+
+@triton.jit
+def _attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr,  # [B, H, L, HEAD_DIM], last dim contiguous
+    mask_ptr,  # [B, L] uint8, 1 = real key (read only with HAS_MASK)
+    seed_ptr,  # [1] int64 Philox seed (read only with DROPOUT)
+    o_ptr,  # [B, H, L, HEAD_DIM] out, input dtype
+    lse_ptr,  # [B, H, L] fp32 out: natural logsumexp of the row's scaled scores over real keys, +inf if none
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_oh, stride_ol,
+    H, L,
+    qk_scale,  # scale * log2(e)
+    dropout_p,
+    HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: tf32 would lose fp32's precision
+):
+    bh = tl.program_id(1).to(tl.int64)  # b * stride_b overflows int32 once a tensor passes 2^31 elements
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    k_head = k_ptr + b * stride_kb + h * stride_kh
+    v_head = v_ptr + b * stride_vb + h * stride_vh
+    mask_row = mask_ptr + b * L
+    seed = tl.load(seed_ptr) if DROPOUT else 0
+    q = _load_rows(q_ptr + b * stride_qb + h * stride_qh, offs_m, stride_ql, L, HEAD_DIM)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_rows(k_head, offs_n, stride_kl, L, HEAD_DIM)
+        v = _load_rows(v_head, offs_n, stride_vl, L, HEAD_DIM)
+        s = _scores(q, k, offs_n, mask_row, L, qk_scale, HAS_MASK, PRECISION)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # While a row has seen only masked keys its max is -inf, and s - max would be -inf - -inf = NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normalizer counts dropped entries too
+        if DROPOUT:
+            p = p * _dropout_scale(seed, bh, offs_m, offs_n, L, dropout_p)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    _store_rows(o_ptr + b * stride_ob + h * stride_oh, offs_m, stride_ol, L, acc / l_safe[:, None], HEAD_DIM)
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) / _LOG2E)
+    tl.store(lse_ptr + bh * L + offs_m, lse, mask=offs_m < L)
+
+
+@triton.jit
+def _attention_delta_kernel(
+    o_ptr,  # [B, H, L, HEAD_DIM] forward output, last dim contiguous
+    do_ptr,  # [B, H, L, HEAD_DIM] gradient of the output, last dim contiguous
+    delta_ptr,  # [B, H, L] fp32 out: rowsum(dO * O)
+    stride_ob, stride_oh, stride_ol,
+    stride_db, stride_dh, stride_dl,
+    H, L,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = _load_rows(o_ptr + b * stride_ob + h * stride_oh, offs_m, stride_ol, L, HEAD_DIM).to(tl.float32)
+    do = _load_rows(do_ptr + b * stride_db + h * stride_dh, offs_m, stride_dl, L, HEAD_DIM).to(tl.float32)
+    tl.store(delta_ptr + bh * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
+
+
+@triton.jit
+def _tile_gradients(q, k, v, do, lse2, delta, offs_m, offs_n, bh, mask_row, seed, L, qk_scale, dropout_p,
+                    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+    # The [BLOCK_M, BLOCK_N] tile's dropped-out probabilities P~ (dV = P~^T dO) and dS = P * (dP~ - delta),
+    # with dP~ = dO V^T times the dropout scale; dQ = scale * dS K and dK = scale * dS^T Q.
+    p = tl.exp2(_scores(q, k, offs_n, mask_row, L, qk_scale, HAS_MASK, PRECISION) - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if DROPOUT:
+        z = _dropout_scale(seed, bh, offs_m, offs_n, L, dropout_p)
+        p_dropped = p * z
+        dp = dp * z
+    else:
+        p_dropped = p
+    return p_dropped, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _attention_backward_kernel(
+    q_ptr, k_ptr, v_ptr,  # [B, H, L, HEAD_DIM], last dim contiguous
+    do_ptr,  # [B, H, L, HEAD_DIM] gradient of the output, last dim contiguous
+    mask_ptr,  # [B, L] uint8, 1 = real key (read only with HAS_MASK)
+    seed_ptr,  # [1] int64 Philox seed of the forward (read only with DROPOUT)
+    lse_ptr,  # [B, H, L] fp32 logsumexp saved by the forward
+    delta_ptr,  # [B, H, L] fp32 rowsum(dO * O)
+    dq_ptr, dk_ptr, dv_ptr,  # [B, H, L, HEAD_DIM] out, one layout shared by the three (stride_g*)
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_db, stride_dh, stride_dl,
+    stride_gb, stride_gh, stride_gl,
+    H, L,
+    scale,
+    dropout_p,
+    HAS_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,  # both the key block of dK/dV and the query block of dQ: one grid serves both
+    PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    q_head = q_ptr + b * stride_qb + h * stride_qh
+    k_head = k_ptr + b * stride_kb + h * stride_kh
+    v_head = v_ptr + b * stride_vb + h * stride_vh
+    do_head = do_ptr + b * stride_db + h * stride_dh
+    g_head = b * stride_gb + h * stride_gh
+    mask_row = mask_ptr + b * L
+    seed = tl.load(seed_ptr) if DROPOUT else 0
+    qk_scale = scale * _LOG2E
+    block = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs0 = tl.arange(0, BLOCK)
+
+    # dK and dV of the keys in `block`, over every query block. Past-the-end queries load lse = +inf, so P = 0.
+    k = _load_rows(k_head, block, stride_kl, L, HEAD_DIM)
+    v = _load_rows(v_head, block, stride_vl, L, HEAD_DIM)
+    dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    for start_m in range(0, L, BLOCK):
+        offs_m = start_m + offs0
+        q = _load_rows(q_head, offs_m, stride_ql, L, HEAD_DIM)
+        do = _load_rows(do_head, offs_m, stride_dl, L, HEAD_DIM)
+        lse2 = tl.load(lse_ptr + bh * L + offs_m, mask=offs_m < L, other=float("inf")) * _LOG2E
+        delta = tl.load(delta_ptr + bh * L + offs_m, mask=offs_m < L, other=0.0)
+        p_dropped, ds = _tile_gradients(q, k, v, do, lse2, delta, offs_m, block, bh, mask_row, seed, L, qk_scale,
+                                        dropout_p, HAS_MASK, DROPOUT, PRECISION)
+        dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    _store_rows(dk_ptr + g_head, block, stride_gl, L, dk * scale, HEAD_DIM)
+    _store_rows(dv_ptr + g_head, block, stride_gl, L, dv, HEAD_DIM)
+
+    # dQ of the queries in `block`, over every key block.
+    q = _load_rows(q_head, block, stride_ql, L, HEAD_DIM)
+    do = _load_rows(do_head, block, stride_dl, L, HEAD_DIM)
+    lse2 = tl.load(lse_ptr + bh * L + block, mask=block < L, other=float("inf")) * _LOG2E
+    delta = tl.load(delta_ptr + bh * L + block, mask=block < L, other=0.0)
+    dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    for start_n in range(0, L, BLOCK):
+        offs_n = start_n + offs0
+        k = _load_rows(k_head, offs_n, stride_kl, L, HEAD_DIM)
+        v = _load_rows(v_head, offs_n, stride_vl, L, HEAD_DIM)
+        _, ds = _tile_gradients(q, k, v, do, lse2, delta, block, offs_n, bh + 1, mask_row, seed, L, qk_scale,
+                                dropout_p, HAS_MASK, DROPOUT, PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    _store_rows(dq_ptr + g_head, block, stride_gl, L, dq * scale, HEAD_DIM)
+
+
+def _device_guard(device: torch.device):
+    # Triton launches on the current CUDA device, which need not be the tensors' device.
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # The kernels take any batch/head/position strides (e.g. heads split off a [B, L, H * Dh] projection by a
+    # view and a transpose) but need unit stride along the head dim.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def empty_bhld(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised [B, H, L, D] tensor laid out as [B, L, H, D] in memory: merging the heads of the output
+    (and of the input gradients) back into [B, L, H * D] is then free."""
+    batch, heads, length, dim = like.shape
+    return like.new_empty((batch, length, heads, dim)).transpose(1, 2)
+
+
+def _padding_flags(key_padding_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    if key_padding_mask is None:
+        return q  # a placeholder pointer: the kernels do not read it without HAS_MASK
+    real = key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask != 0
+    return real.contiguous().view(torch.uint8)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def attention_forward(q, k, v, key_padding_mask, dropout_p: float, scale: float, seed: torch.Tensor):
+    """fastdistil::_attention_forward on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); the inputs are
+    checked by fastdistil.attention.check_inputs.
+
+    Returns (out [B, H, L, D] in the input dtype, lse [B, H, L] fp32).
+    """
+    q, k, v = (_rows_contiguous(x) for x in (q, k, v))
+    batch, heads, length, dim = q.shape
+    out = empty_bhld(q)
+    lse = q.new_empty((batch, heads, length), dtype=torch.float32)
+    grid = (triton.cdiv(length, _BLOCK_M), batch * heads)
+    with _device_guard(q.device):
+        _attention_forward_kernel[grid](
+            q, k, v, _padding_flags(key_padding_mask, q), seed, out, lse,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            heads, length, scale * _LOG2E.value, dropout_p,
+            HAS_MASK=key_padding_mask is not None, DROPOUT=dropout_p > 0, HEAD_DIM=dim,
+            BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, PRECISION=_precision(q.dtype), num_warps=4,
+        )
+    return out, lse
+
+
+def _backward_block(dim: int) -> int:
+    # dK, dV (and the tiles) of a 64 x 128 block in fp32 would spill registers with 4 warps.
+    return 64 if dim <= 64 else 32
+
+
+def attention_backward(grad_out, q, k, v, key_padding_mask, seed, out, lse, dropout_p: float, scale: float):
+    """fastdistil::_attention_backward on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1): (dq, dk, dv)
+    in the input dtype, for the forward that returned out and lse with the same seed."""
+    q, k, v, out, grad_out = (_rows_contiguous(x) for x in (q, k, v, out, grad_out))
+    batch, heads, length, dim = q.shape
+    delta = torch.empty_like(lse)
+    dq, dk, dv = empty_bhld(q), empty_bhld(k), empty_bhld(v)
+    block = _backward_block(dim)
+    grid = (triton.cdiv(length, block), batch * heads)
+    with _device_guard(q.device):
+        _attention_delta_kernel[grid](
+            out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, length,
+            HEAD_DIM=dim, BLOCK_M=block, num_warps=4,
+        )
+        _attention_backward_kernel[grid](
+            q, k, v, grad_out, _padding_flags(key_padding_mask, q), seed, lse, delta, dq, dk, dv,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq.stride()[:3],
+            heads, length, scale, dropout_p,
+            HAS_MASK=key_padding_mask is not None, DROPOUT=dropout_p > 0, HEAD_DIM=dim, BLOCK=block,
+            PRECISION=_precision(q.dtype), num_warps=4,
+        )
+    return dq, dk, dv
+

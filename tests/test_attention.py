@@ -1,0 +1,367 @@
+"""fastdistil.attention (the Triton kernel, the SDPA paths and torch.ops.fastdistil.attention) against a float64
+masked-softmax oracle, its dropout, its registration and its use inside transformers' DistilBERT.
+
+Without a GPU the Triton kernel runs on CPU tensors in Triton's interpreter, which is slow: shapes stay small
+(batch 2, 2 heads), while L covers a single key, one partial block and several blocks with a tail. The full-size
+cases run only on CUDA.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Read when @triton.jit runs, i.e. when fastdistil.kernels.attention is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from fastdistil.attention import (  # noqa: E402  (fastdistil.attention is also the function's name)
+    _transformers_attention,
+    attention,
+    auto_backend,
+    register_with_transformers,
+)
+from fastdistil.kernels import attention as kernel_module  # noqa: E402
+from helpers import assert_within_pytorch_error  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = not isinstance(kernel_module._attention_forward_kernel, triton.runtime.JITFunction)
+FP32_RTOL = 1e-5  # of the largest oracle magnitude, in output and gradients
+
+
+@pytest.fixture(autouse=True)
+def _kernels_runnable():
+    if not torch.cuda.is_available() and not INTERPRETED:
+        pytest.fail("fastdistil.kernels was imported before TRITON_INTERPRET=1 was set, so its kernels were "
+                    "compiled for a GPU this machine lacks; set TRITON_INTERPRET=1 in the environment")
+
+
+def make_qkv(batch=2, heads=2, length=17, dim=32, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, length, dim, generator=g).to(DEVICE, dtype).requires_grad_()
+            for _ in range(3)]
+
+
+def padding_mask(batch, length, lengths):
+    """[B, L] bool, right padding: sequence b has lengths[b] real tokens (0 = all padding)."""
+    return torch.arange(length, device=DEVICE)[None, :] < torch.tensor(lengths, device=DEVICE)[:, None]
+
+
+def oracle(q, k, v, mask=None, keep=None, dropout_p=0.0, scale=None):
+    """softmax(q k^T * scale) over the real keys, times keep / (1 - p), times v, in float64; rows without a real
+    key are 0."""
+    q, k, v = (x.double() for x in (q, k, v))
+    scores = q @ k.transpose(-1, -2) * (q.size(-1) ** -0.5 if scale is None else scale)
+    if mask is not None:
+        scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if keep is not None:
+        p = p * keep / (1 - dropout_p)
+    return p @ v
+
+
+def output_and_grads(fn, q, k, v, grad_out, **kwargs):
+    out = fn(q, k, v, **kwargs)
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out.to(out.dtype)))
+
+
+def check_against_oracle(q, k, v, mask=None, backend="triton", keep=None, dropout_p=0.0):
+    """Output and the gradients of <out, grad_out> against the float64 oracle: within FP32_RTOL of the largest
+    magnitude in fp32; in fp16 within 2x the error of PyTorch's own fp16 SDPA (the flash-attention rule)."""
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    got = output_and_grads(attention, q, k, v, grad_out, key_padding_mask=mask, dropout_p=dropout_p,
+                           backend=backend)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    truth = output_and_grads(oracle, q64, k64, v64, grad_out, mask=mask, keep=keep, dropout_p=dropout_p)
+    # The scale of fp32 errors: the largest oracle magnitude among the four, as a tensor's own can be 0 while
+    # the kernel computes it as a difference of O(1) terms (dq when a row has one real key: dS = P (dP - delta)).
+    scale = max(e.abs().max().item() for e in truth)
+    for name, a, e, x in zip(("out", "dq", "dk", "dv"), got, truth, (q, q, k, v)):
+        assert a.shape == x.shape and a.dtype == x.dtype, f"{name}: {a.dtype} {tuple(a.shape)}"
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        if q.dtype == torch.float32:
+            err = (a.double() - e).abs().max().item()
+            assert err <= FP32_RTOL * scale, f"{name}: max abs error {err:.3e}, largest |oracle| {scale:.3e}"
+    if q.dtype != torch.float32:
+        assert keep is None, "PyTorch's SDPA cannot be given the kernel's dropout mask"
+        pytorch = output_and_grads(attention, q, k, v, grad_out, key_padding_mask=mask, backend="sdpa")
+        for name, a, p, e in zip(("out", "dq", "dk", "dv"), got, pytorch, truth):
+            assert_within_pytorch_error(a, p, e, name)
+    return got
+
+
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("length", [1, 17, 33, 70])
+def test_fp32_matches_oracle(length, dim):
+    """Sequence 0 padded to about half its length (L = 1: unpadded), sequence 1 unpadded."""
+    mask = padding_mask(2, length, [max(1, length // 2), length])
+    check_against_oracle(*make_qkv(length=length, dim=dim), mask)
+
+
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("length", [17, 70])
+def test_fp16_within_twice_pytorch_error(length, dim):
+    mask = padding_mask(2, length, [length - 5, length])
+    check_against_oracle(*make_qkv(length=length, dim=dim, dtype=torch.float16), mask)
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "auto"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "int-mask"])
+def test_backends_match_oracle(backend, masked):
+    mask = padding_mask(2, 33, [20, 9]).to(torch.int64) if masked else None
+    check_against_oracle(*make_qkv(length=33, dim=64), mask, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_all_padding_sequence_gives_zero_output_and_gradient(backend, dtype):
+    """Sequence 1 is all padding: its rows are 0 with zero gradients, never NaN; sequence 0 is unaffected."""
+    q, k, v = make_qkv(length=17, dim=32, dtype=dtype)
+    mask = padding_mask(2, 17, [11, 0])
+    out, dq, dk, dv = check_against_oracle(q, k, v, mask, backend=backend)
+    for name, x in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert (x[1] == 0).all(), name
+
+
+def test_logsumexp_and_layout_of_the_kernel_outputs():
+    """The saved logsumexp is that of the scaled scores over real keys (+inf without any); the output is laid
+    out as [B, L, H, Dh] so that merging heads costs no copy."""
+    q, k, v = (x.detach() for x in make_qkv(length=33, dim=64))
+    mask = padding_mask(2, 33, [20, 0])
+    out, lse = kernel_module.attention_forward(q, k, v, mask, 0.0, 0.125, q.new_empty(1, dtype=torch.int64))
+    scores = (q.double() @ k.double().transpose(-1, -2) * 0.125).masked_fill(~mask[:, None, None, :], -math.inf)
+    expected = torch.logsumexp(scores, dim=-1)
+    torch.testing.assert_close(lse[0], expected[0].float(), rtol=1e-5, atol=1e-5)
+    assert (lse[1] == math.inf).all()
+    assert out.transpose(1, 2).is_contiguous() and lse.dtype == torch.float32
+
+
+def test_strided_inputs():
+    """Heads split off [B, L, H * Dh] projections by view + transpose (as DistilBERT does), and a head dim with
+    a non-unit stride, give the results of contiguous inputs."""
+    q, k, v = make_qkv(length=17, dim=32)
+    mask = padding_mask(2, 17, [9, 17])
+    views = [x.detach().transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]
+    views[2] = torch.randn(2, 2, 17, 64, device=DEVICE)[..., ::2].copy_(v.detach())
+    for x in views:
+        x.requires_grad_()
+    grad_out = torch.randn(q.shape, device=DEVICE)
+    expected = output_and_grads(attention, q, k, v, grad_out, key_padding_mask=mask, backend="triton")
+    actual = output_and_grads(attention, *views, grad_out, key_padding_mask=mask, backend="triton")
+    for a, e in zip(actual, expected):
+        assert torch.equal(a, e)
+
+
+def dropout_keep_mask(batch, heads, length, dim, dropout_p, dtype=torch.float32):
+    """The kernel's own keep mask [B, H, L, L], read back from its output: with q = k = 0 the probabilities are
+    uniform (1/L), and v = the first L rows of the identity (L <= Dh) makes out[..., i, j] = P~[i, j]."""
+    zeros = torch.zeros(batch, heads, length, dim, device=DEVICE, dtype=dtype)
+    v = torch.eye(length, dim, device=DEVICE, dtype=dtype).expand(batch, heads, length, dim)
+    out = attention(zeros, zeros, v, dropout_p=dropout_p, backend="triton")[..., :length]
+    kept = out != 0
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 1 / ((1 - dropout_p) * length)))
+    return kept
+
+
+def test_dropout_backward_is_the_gradient_of_the_forwards_mask():
+    """The mask depends only on the seed and the element's index, so it can be read back once (same seed) and
+    given to the oracle: output and all three gradients then match, padding included."""
+    dropout_p = 0.3
+    torch.manual_seed(7)
+    keep = dropout_keep_mask(2, 2, 17, 32, dropout_p)
+    assert 0 < keep.float().mean() < 1
+    q, k, v = make_qkv(length=17, dim=32)
+    mask = padding_mask(2, 17, [12, 17])
+    torch.manual_seed(7)
+    check_against_oracle(q, k, v, mask, keep=keep, dropout_p=dropout_p)
+
+
+def test_dropout_keep_rate():
+    """16384 decisions at p = 0.3: the kept fraction is within 4 sigma of 1 - p."""
+    dropout_p = 0.3
+    keep = dropout_keep_mask(4, 4, 32, 32, dropout_p)
+    sigma = math.sqrt(dropout_p * (1 - dropout_p) / keep.numel())
+    assert abs(keep.float().mean().item() - (1 - dropout_p)) < 4 * sigma
+
+
+def test_dropout_mask_does_not_depend_on_dtype():
+    torch.manual_seed(11)
+    fp32 = dropout_keep_mask(2, 2, 17, 32, 0.5)
+    torch.manual_seed(11)
+    assert torch.equal(dropout_keep_mask(2, 2, 17, 32, 0.5, torch.float16), fp32)
+
+
+def test_dropout_seed_reproducibility():
+    """torch.manual_seed fixes the dropout mask; the next call draws a new one."""
+    q, k, v = (x.detach() for x in make_qkv(length=17, dim=32))
+    torch.manual_seed(3)
+    first = attention(q, k, v, dropout_p=0.2, backend="triton")
+    second = attention(q, k, v, dropout_p=0.2, backend="triton")
+    torch.manual_seed(3)
+    assert torch.equal(attention(q, k, v, dropout_p=0.2, backend="triton"), first)
+    assert not torch.equal(first, second)
+
+
+def test_opcheck():
+    """torch.ops.fastdistil.attention on CPU tensors (SDPA): schema, fake tensors, autograd registration."""
+    q, k, v = (x.detach().cpu().requires_grad_() for x in make_qkv(length=9, dim=32))
+    torch.library.opcheck(torch.ops.fastdistil.attention.default,
+                          (q, k, v, padding_mask(2, 9, [5, 0]).cpu(), 0.0, None))
+
+
+def test_fake_kernels_match_the_launchers():
+    """The fake kernels of the private Triton ops give the shapes, dtypes and strides the launchers return."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = (x.detach() for x in make_qkv(length=9, dim=32, dtype=torch.float16))
+    mask, seed = padding_mask(2, 9, [5, 9]), q.new_empty(1, dtype=torch.int64)
+    out, lse = kernel_module.attention_forward(q, k, v, mask, 0.1, 0.2, seed)
+    grads = kernel_module.attention_backward(out, q, k, v, mask, seed, out, lse, 0.1, 0.2)
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fmask, fseed, fout, flse = (mode.from_tensor(x) for x in (q, k, v, mask, seed, out, lse))
+        fake_forward = torch.ops.fastdistil._attention_forward(fq, fk, fv, fmask, 0.1, 0.2, fseed)
+        fake_backward = torch.ops.fastdistil._attention_backward(fout, fq, fk, fv, fmask, fseed, fout, flse, 0.1, 0.2)
+    for real, fake in zip((out, lse, *grads), (*fake_forward, *fake_backward)):
+        assert (real.shape, real.dtype, real.stride()) == (fake.shape, fake.dtype, fake.stride())
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(q=torch.zeros(2, 17, 32)), ValueError, r"q must be \[B, H, L, Dh\]"),
+    (dict(k=torch.zeros(2, 2, 16, 32)), ValueError, "q, k and v must have one shape"),
+    (dict(v="v"), TypeError, "v must be a torch.Tensor"),
+    (dict(q=torch.zeros(2, 2, 17, 32, dtype=torch.float64)), TypeError, "q must be float32, float16 or bfloat16"),
+    (dict(k=torch.zeros(2, 2, 17, 32, dtype=torch.float16)), ValueError, "k is torch.float16"),
+    (dict(q=torch.zeros(2, 2, 17, 48), k=torch.zeros(2, 2, 17, 48), v=torch.zeros(2, 2, 17, 48)), ValueError,
+     r"head dims \(32, 64, 128\)"),
+    (dict(key_padding_mask=torch.ones(2, 16, dtype=torch.bool)), ValueError, r"key_padding_mask must have shape"),
+    (dict(key_padding_mask=torch.ones(2, 17)), TypeError, "key_padding_mask must be bool or integer"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (dict(scale=0.0), ValueError, "scale must be a positive"),
+    (dict(backend="flash"), ValueError, "backend must be one of"),
+])
+def test_bad_inputs_name_the_argument(change, error, match):
+    args = dict(q=torch.zeros(2, 2, 17, 32), k=torch.zeros(2, 2, 17, 32), v=torch.zeros(2, 2, 17, 32),
+                key_padding_mask=None, dropout_p=0.0, scale=None, backend="triton")
+    args.update(change)
+    with pytest.raises(error, match=match):
+        attention(**{name: value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+                     for name, value in args.items()})
+
+
+# transformers' DistilBERT through the attention registry ----------------------------------------------------
+
+
+@pytest.fixture
+def triton_registered():
+    register_with_transformers(backend="triton")
+    register_with_transformers(backend="triton")  # idempotent
+    yield
+    register_with_transformers()
+
+
+def tiny_distilbert(tmp_path):
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    config = DistilBertConfig(vocab_size=100, dim=64, n_heads=2, n_layers=2, hidden_dim=128,
+                              max_position_embeddings=32, attn_implementation="sdpa")
+    DistilBertForMaskedLM(config).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def logits_and_grads(model, input_ids, attention_mask):
+    model.zero_grad()
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    (logits * torch.linspace(-1, 1, logits.size(-1), device=DEVICE)).sum().backward()
+    return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_distilbert_with_fastdistil_attention_matches_sdpa(tmp_path, triton_registered, monkeypatch):
+    """from_pretrained(attn_implementation="fastdistil") and set_attn_implementation run the kernel in every
+    layer and give SDPA's logits and parameter gradients (eval mode, so no dropout), padding included."""
+    from transformers import DistilBertForMaskedLM
+
+    path = tiny_distilbert(tmp_path)
+    calls = []
+    launcher = kernel_module.attention_forward
+    monkeypatch.setattr(kernel_module, "attention_forward", lambda *a: calls.append(1) or launcher(*a))
+    input_ids = torch.randint(0, 100, (2, 13), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    mask = padding_mask(2, 13, [13, 6]).long()
+
+    sdpa = DistilBertForMaskedLM.from_pretrained(path, attn_implementation="sdpa").to(DEVICE).eval()
+    expected_logits, expected_grads = logits_and_grads(sdpa, input_ids, mask)
+    fused = DistilBertForMaskedLM.from_pretrained(path, attn_implementation="fastdistil").to(DEVICE).eval()
+    assert fused.config._attn_implementation == "fastdistil"
+    sdpa.set_attn_implementation("fastdistil")
+    for model in (fused, sdpa):
+        calls.clear()
+        logits, grads = logits_and_grads(model, input_ids, mask)
+        assert len(calls) == 2, "the kernel did not run in each of the 2 layers"
+        torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+        assert grads.keys() == expected_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_transformers_hook_hands_other_masks_to_sdpa():
+    """A 4-D mask (not a pure key padding mask) goes to transformers' SDPA function unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q, k, v = (x.detach() for x in make_qkv(length=9, dim=32))
+    mask = torch.rand(2, 1, 9, 9, generator=torch.Generator().manual_seed(0)).to(DEVICE) < 0.7
+    mask[..., 0] = True
+    module = torch.nn.Module()
+    expected, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.2)
+    actual, _ = _transformers_attention(module, q, k, v, mask, scaling=0.2, backend="triton")
+    assert torch.equal(actual, expected)
+
+
+# Full size, GPU only ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_full_size_on_cuda(dtype, dim):
+    """DistilBERT-like shapes (16 x 12 heads x L = 509, ragged padding, one empty sequence); bf16 is held to the
+    same 2x rule as fp16. backend="auto" takes the kernel on sm80+ and matches the direct call."""
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    q, k, v = make_qkv(batch=16, heads=12, length=509, dim=dim, dtype=dtype)
+    lengths = torch.randint(1, 510, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    lengths[3] = 0
+    mask = padding_mask(16, 509, lengths)
+    got = check_against_oracle(q, k, v, mask)
+    if auto_backend(q.device, dtype, dim)[0] == "triton":
+        grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        for a, b in zip(output_and_grads(attention, q, k, v, grad_out, key_padding_mask=mask), got):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dropout_on_cuda():
+    dropout_p = 0.1
+    torch.manual_seed(5)
+    keep = dropout_keep_mask(8, 12, 128, 128, dropout_p)
+    sigma = math.sqrt(dropout_p * (1 - dropout_p) / keep.numel())
+    assert abs(keep.float().mean().item() - (1 - dropout_p)) < 4 * sigma
+    q, k, v = make_qkv(batch=8, heads=12, length=128, dim=128)
+    torch.manual_seed(5)
+    check_against_oracle(q, k, v, padding_mask(8, 128, [128, 77, 1, 0, 128, 5, 100, 64]), keep=keep,
+                         dropout_p=dropout_p)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_on_cuda(requires_grad):
+    q, k, v = (x.detach().requires_grad_(requires_grad) for x in make_qkv(length=70, dim=64, dtype=torch.float16))
+    mask = padding_mask(2, 70, [33, 0])
+    torch.library.opcheck(torch.ops.fastdistil.attention.default, (q, k, v, mask, 0.0, None))
+    seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastdistil._attention_forward.default, (q, k, v, mask, 0.1, 0.125, seed))

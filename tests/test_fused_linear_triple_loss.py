@@ -1,0 +1,156 @@
+"""fastdistil.fused_linear_triple_loss against projecting in float64 and calling the reference loss."""
+
+import pytest
+import torch
+
+import fastdistil
+from fastdistil import fused_linear_triple_loss
+from helpers import FP32_GRAD_RTOL, FP32_LOSS_RTOL, TERMS, assert_close, assert_within_pytorch_error
+
+OPS = torch.ops.fastdistil
+V, D, H = 301, 16, 8  # V odd: no chunk or vector width divides it
+GRAD_OUTPUT = 1.7
+DIFFERENTIABLE = ("student_input", "student_weight", "student_bias", "student_hidden")
+
+
+def make_inputs(lead=(3, 23), dtype=torch.float32, bias=True, pad_from=17, seed=0):
+    """Inputs as a model produces them: [B, L, D] projection inputs, [V, D] weights, the last 6 positions of
+    every sequence padding (one of them labelled, which MLM still counts), ~30 % of real positions labelled."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    attention_mask = (torch.arange(lead[-1]) < pad_from).expand(*lead).to(torch.int64)
+    labels = torch.where(torch.rand(*lead, generator=gen) < 0.3, torch.randint(0, V, lead, generator=gen), -100)
+    labels = torch.where(attention_mask.bool(), labels, -100)
+    labels[..., -1] = 7
+    return dict(
+        student_input=randn(*lead, D).requires_grad_(), student_weight=randn(V, D, scale=0.5).requires_grad_(),
+        student_bias=randn(V, scale=0.1).requires_grad_() if bias else None,
+        teacher_input=randn(*lead, D), teacher_weight=randn(V, D, scale=0.5),
+        teacher_bias=randn(V, scale=0.1) if bias else None,
+        labels=labels, student_hidden=randn(*lead, H).requires_grad_(), teacher_hidden=randn(*lead, H),
+        attention_mask=attention_mask)
+
+
+def cast(inputs, dtype):
+    return {k: (v.detach().to(dtype).requires_grad_(v.requires_grad) if v is not None and v.is_floating_point()
+                else v) for k, v in inputs.items()}
+
+
+def project_then_loss(inputs, **kwargs):
+    """The materialized path: both models' logits, then the loss (the reference in float64, else the op)."""
+    x = inputs
+    s_logits = x["student_input"] @ x["student_weight"].t()
+    t_logits = x["teacher_input"] @ x["teacher_weight"].t()
+    if x["student_bias"] is not None:
+        s_logits, t_logits = s_logits + x["student_bias"], t_logits + x["teacher_bias"]
+    loss = fastdistil.triple_loss_reference if s_logits.dtype == torch.float64 else fastdistil.triple_loss
+    return loss(s_logits, t_logits, x["labels"], x["student_hidden"], x["teacher_hidden"], x["attention_mask"],
+                **kwargs)
+
+
+def terms_and_grads(fn, inputs, **kwargs):
+    out = fn(inputs, **kwargs)
+    (out.loss * GRAD_OUTPUT).backward()
+    grads = tuple(inputs[k].grad for k in DIFFERENTIABLE if inputs[k] is not None)
+    return tuple(t.detach() for t in out), grads
+
+
+def fused(inputs, **kwargs):
+    return fused_linear_triple_loss(**inputs, **kwargs)
+
+
+@pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
+@pytest.mark.parametrize("chunk_size", [0, 7, 32, 1000], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_matches_the_materialized_float64_reference(restrict, chunk_size, bias):
+    inputs = make_inputs(bias=bias)
+    kwargs = dict(temperature=1.5, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, restrict_ce_to_mask=restrict)
+    terms, grads = terms_and_grads(fused, cast(inputs, torch.float32), chunk_size=chunk_size, **kwargs)
+    terms64, grads64 = terms_and_grads(project_then_loss, cast(inputs, torch.float64), **kwargs)
+    for name, a, e in zip(TERMS, terms, terms64):
+        assert a.dtype == torch.float32
+        assert_close(a, e, FP32_LOSS_RTOL, name)
+    for name, a, e in zip(DIFFERENTIABLE, grads, grads64):
+        assert a.dtype == torch.float32
+        assert_close(a, e, FP32_GRAD_RTOL, name)
+
+
+def test_bf16_error_is_within_twice_pytorchs():
+    inputs = make_inputs()
+    terms, grads = terms_and_grads(fused, cast(inputs, torch.bfloat16))
+    truth = terms_and_grads(project_then_loss, cast(inputs, torch.float64))
+    pytorch = terms_and_grads(project_then_loss, cast(inputs, torch.bfloat16))
+    for name, a, p, e in zip(TERMS + DIFFERENTIABLE, terms + grads, pytorch[0] + pytorch[1], truth[0] + truth[1]):
+        assert_within_pytorch_error(a.float(), p.float(), e, name, floor=1e-2)
+
+
+def test_a_projector_tied_to_the_embeddings_accumulates_both_gradients():
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(V, D)
+    ids = torch.randint(0, V, (2, 11))
+    inputs = make_inputs(lead=(2, 11), pad_from=9)
+    grads = []
+    for loss_fn in (fused, project_then_loss):
+        embedding.zero_grad()
+        x = embedding(ids)
+        tied = {**inputs, "student_input": torch.tanh(x), "student_weight": embedding.weight,
+                "student_hidden": x[..., :H]}
+        (loss_fn(tied).loss * GRAD_OUTPUT).backward()
+        grads.append(embedding.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_padding_only_chunks_and_an_all_padding_batch():
+    inputs = make_inputs(lead=(4, 20), pad_from=20)
+    inputs["attention_mask"][1:3] = 0  # 40 padding rows in a row: whole chunks of 16 are empty
+    inputs["labels"][1:3] = -100
+    terms, grads = terms_and_grads(fused, cast(inputs, torch.float32), chunk_size=16)
+    terms64, grads64 = terms_and_grads(project_then_loss, cast(inputs, torch.float64))
+    for name, a, e in zip(TERMS + DIFFERENTIABLE, terms + grads, terms64 + grads64):
+        assert_close(a, e, FP32_GRAD_RTOL, name)
+
+    empty = make_inputs(lead=(2, 5), pad_from=0)
+    empty["labels"][:] = -100
+    terms, grads = terms_and_grads(fused, cast(empty, torch.float32))
+    assert all(t.item() == 0 for t in terms) and all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_grad_output_of_zero_and_no_grad():
+    inputs = cast(make_inputs(), torch.float32)
+    out = fused(inputs)
+    (out.loss * 0).backward()
+    assert all(torch.count_nonzero(inputs[k].grad) == 0 for k in DIFFERENTIABLE)
+    with torch.no_grad():
+        assert torch.equal(fused(cast(make_inputs(), torch.float32)).loss, out.loss.detach())
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(requires_grad):
+    inputs = make_inputs(lead=(2, 9), pad_from=6)
+    args = tuple(v.detach().requires_grad_(requires_grad and k in DIFFERENTIABLE) if v is not None and
+                 v.is_floating_point() else v for k, v in inputs.items())
+    torch.library.opcheck(OPS.fused_linear_triple_loss.default, args + (2.0, 5.0, 2.0, 1.0, False, 5))
+    if not requires_grad:  # the forward's autograd scales its gradient outputs in place: public op only
+        torch.library.opcheck(OPS._fused_linear_triple_loss_forward.default, args + (2.0, 5.0, 2.0, 1.0, True, 0))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(student_weight=torch.zeros(V, D + 1)), "student_weight must be"),
+    (dict(teacher_weight=torch.zeros(V + 1, D)), "teacher_weight must be"),
+    (dict(student_bias=torch.zeros(V + 1)), "student_bias must be"),
+    (dict(labels=torch.zeros(3, 22, dtype=torch.int64)), "labels must have the leading shape"),
+    (dict(labels=torch.zeros(3, 23, dtype=torch.int32)), "labels must be int64"),
+    (dict(teacher_hidden=torch.zeros(3, 23, H + 1)), "teacher_hidden must have the shape"),
+    (dict(student_input=torch.zeros(3, 23, D, dtype=torch.float64)), "student_input must be float32"),
+    (dict(attention_mask=torch.ones(3, 23)), "attention_mask must be bool or integer"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(alpha_mlm=-1.0), "alpha_mlm must be >= 0"),
+    (dict(chunk_size=-1), "chunk_size must be >= 0"),
+])
+def test_bad_input_names_the_argument(change, match):
+    inputs = {**cast(make_inputs(), torch.float32), **change}
+    with pytest.raises((ValueError, TypeError), match=match):
+        fused_linear_triple_loss(**inputs)
