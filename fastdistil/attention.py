@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 Backend = Literal["auto", "triton", "sdpa"]
 BACKENDS = ("auto", "triton", "sdpa")
-HEAD_DIMS = (32, 64, 128)  # kernels.attention.HEAD_DIMS; not imported, as that imports Triton
+HEAD_DIMS = (32, 64, 128)  # of the Triton kernel
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -107,20 +107,22 @@ def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     return attention_backward(grad_out, q, k, v, key_padding_mask, seed, out, lse, dropout_p, scale)
 
 
-def _empty_bhld(like: torch.Tensor) -> torch.Tensor:
-    # kernels.attention.empty_bhld, which fake tensors must match stride for stride
+def empty_bhld(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised [B, H, L, D] tensor laid out as [B, L, H, D] in memory, for the kernels' outputs and
+    gradients (and their fake versions, which must match stride for stride): merging the heads back into
+    [B, L, H * D] is then free."""
     batch, heads, length, dim = like.shape
     return like.new_empty((batch, length, heads, dim)).transpose(1, 2)
 
 
 @_attention_forward.register_fake
 def _(q, k, v, key_padding_mask, dropout_p, scale, seed):
-    return _empty_bhld(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return empty_bhld(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @_attention_backward.register_fake
 def _(grad_out, q, k, v, key_padding_mask, seed, out, lse, dropout_p, scale):
-    return _empty_bhld(q), _empty_bhld(k), _empty_bhld(v)
+    return empty_bhld(q), empty_bhld(k), empty_bhld(v)
 
 
 def _setup_context(ctx, inputs, output):

@@ -20,7 +20,7 @@ from fastdistil.triple_loss_output import TripleLossOutput
 
 # Bytes of the three [chunk, V] buffers (student logits, teacher logits, gradient) when chunk_size=0: small
 # next to the weight gradient of a BERT projection (94 MB), large enough that each chunk is an efficient GEMM.
-CHUNK_BUFFER_BYTES = 192 * 2**20
+CHUNK_BUFFER_BYTES = 128 * 2**20
 CHUNK_ALIGN = 64
 COSINE_EPS = 1e-12  # CosineEmbeddingLoss adds it to the squared norms
 

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-HEAD_DIMS = (32, 64, 128)
+from fastdistil.attention import empty_bhld
+
 _LOG2E = tl.constexpr(1.4426950408889634)
 _BLOCK_M = 64  # forward query block
 _BLOCK_N = 64  # forward key block
@@ -220,7 +221,7 @@ def _attention_backward_kernel(
         offs_n = start_n + offs0
         k = _load_rows(k_head, offs_n, stride_kl, L, HEAD_DIM)
         v = _load_rows(v_head, offs_n, stride_vl, L, HEAD_DIM)
-        _, ds = _tile_gradients(q, k, v, do, lse2, delta, block, offs_n, bh + 1, mask_row, seed, L, qk_scale,
+        _, ds = _tile_gradients(q, k, v, do, lse2, delta, block, offs_n, bh, mask_row, seed, L, qk_scale,
                                 dropout_p, HAS_MASK, DROPOUT, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     _store_rows(dq_ptr + g_head, block, stride_gl, L, dq * scale, HEAD_DIM)
@@ -235,13 +236,6 @@ def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
     # The kernels take any batch/head/position strides (e.g. heads split off a [B, L, H * Dh] projection by a
     # view and a transpose) but need unit stride along the head dim.
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def empty_bhld(like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised [B, H, L, D] tensor laid out as [B, L, H, D] in memory: merging the heads of the output
-    (and of the input gradients) back into [B, L, H * D] is then free."""
-    batch, heads, length, dim = like.shape
-    return like.new_empty((batch, length, heads, dim)).transpose(1, 2)
 
 
 def _padding_flags(key_padding_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
@@ -278,7 +272,8 @@ def attention_forward(q, k, v, key_padding_mask, dropout_p: float, scale: float,
 
 
 def _backward_block(dim: int) -> int:
-    # dK, dV (and the tiles) of a 64 x 128 block in fp32 would spill registers with 4 warps.
+    # Two fp32 [64, 128] accumulators (dK, dV) besides the q, k, v, dO tiles would outgrow the registers of 4
+    # warps, so Dh = 128 halves the block (a register count, not a timing: no GPU here).
     return 64 if dim <= 64 else 32
 
 
