@@ -8,6 +8,7 @@ is a `save_pretrained` directory (safetensors, fp16 to stay small) with the toke
 """
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -33,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", type=Path, help="continue pretraining this saved teacher (a second stage)")
+    p.add_argument("--save-every", type=int, default=0, help="also save to OUTPUT_DIR/step-N every N steps")
     return p.parse_args(argv)
 
 
@@ -73,13 +75,21 @@ def main(argv=None):
             if step % 100 == 0 or step == args.steps:
                 print(json.dumps({"step": step, "loss": round(loss.item(), 4), "ppl": round(math.exp(loss.item()), 1),
                                   "elapsed_s": round(time.time() - start)}), flush=True)
+            if args.save_every and step % args.save_every == 0 and step < args.steps:
+                save(model, tokenizer, args.output_dir / f"step-{step}")
             if step == args.steps:
                 break
         epoch += 1
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    model.half().save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    print(f"saved to {args.output_dir}")
+    save(model, tokenizer, args.output_dir)
+
+
+def save(model, tokenizer, directory: Path) -> None:
+    """fp16 weights (half the size; the trainer loads them back in fp32) and the tokenizer. A copy is cast, so
+    that saving mid-run leaves the training weights untouched."""
+    directory.mkdir(parents=True, exist_ok=True)
+    copy.deepcopy(model).to(torch.float16).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    print(f"saved to {directory}", flush=True)
 
 
 if __name__ == "__main__":
