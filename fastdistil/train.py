@@ -37,51 +37,55 @@ RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "checkpoints", "stu
 HELDOUT_STREAM = -1  # the held-out masks: data.rng(seed, HELDOUT_STREAM, batch), the same in every run
 
 
+def _flag(default, text: str):
+    """A TrainConfig field and its --help text."""
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
 @dataclass
 class TrainConfig:
-    teacher: str = str(BUNDLED_TEACHER)
-    tokenizer: str | None = None  # default: the teacher's
-    dataset: str = data.DEFAULT_DATASET
-    dataset_config: str | None = None
-    text_column: str = "text"
-    streaming: bool = False  # read a Hugging Face dataset as a stream; needs max_documents
-    max_documents: int | None = None  # the first documents of the corpus only
-    num_proc: int = 1  # tokenizer processes (datasets.map)
-    output_dir: str = "runs/distil"
-    overwrite: bool = False
-    max_steps: int | None = None  # optimizer steps; default: --epochs if given, else DEFAULT_MAX_STEPS
-    epochs: int | None = None
-    batch_size: int = 8  # sequences per process and micro-batch
-    grad_accum: int = 1
-    max_seq_len: int = 128
-    lr: float = 5e-4
-    warmup: float = 0.05  # fraction of the steps
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-6
-    max_grad_norm: float = 5.0
-    temperature: float = 2.0
-    alpha_ce: float = 5.0
-    alpha_mlm: float = 2.0
-    alpha_cos: float = 1.0
-    restrict_ce_to_mask: bool = False
-    mlm_prob: float = 0.15
-    mlm_smoothing: float = 0.7
-    student_layers: str | None = None  # e.g. "0,2,4,7,9,11"; default: the recipe's choice
-    student_init: str = "teacher"  # or "random"
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    # fused: projection and loss chunk by chunk, no [N, V] logits; fused-logits: the logits, then the fused
-    # loss op; reference: the logits, then the recipe's unfused loss
-    loss: str = "fused"
-    device: str = "auto"  # auto | cpu | cuda
-    save_every: int = 0  # optimizer steps between checkpoints; 0: none (SIGTERM still saves one)
-    keep_last: int = 3  # checkpoints kept
-    resume: str | None = None  # "latest" (--resume alone: the newest in --output-dir) or a checkpoint directory
-    max_bad_steps: int = 10  # consecutive NaN/inf-loss steps (each skipped) before the run stops
-    token_weighted: bool = False  # weight micro-batches and processes by their non-padding tokens
-    log_every: int = 10
-    seed: int = 56
-    heldout_fraction: float = 0.02
-    tensorboard: bool = False
+    teacher: str = _flag(str(BUNDLED_TEACHER), "BERT masked LM: hub name or directory (default: the built-in one)")
+    tokenizer: str | None = _flag(None, "default: the teacher's")
+    dataset: str = _flag(data.DEFAULT_DATASET, "wiki-vital (bundled), a .txt/.jsonl file or folder, or a HF dataset")
+    dataset_config: str | None = _flag(None, "the Hugging Face dataset's config")
+    text_column: str = _flag("text", "the text field of .jsonl files and datasets")
+    streaming: bool = _flag(False, "read a Hugging Face dataset as a stream; needs --max-documents")
+    max_documents: int | None = _flag(None, "use the first documents of the corpus only")
+    num_proc: int = _flag(1, "tokenizer processes (datasets.map)")
+    output_dir: str = _flag("runs/distil", "where the run's files go")
+    overwrite: bool = _flag(False, "replace what an earlier run left in --output-dir")
+    max_steps: int | None = _flag(None, f"optimizer steps (default: --epochs if given, else {DEFAULT_MAX_STEPS})")
+    epochs: int | None = _flag(None, "passes over the data, when --max-steps is not given")
+    batch_size: int = _flag(8, "sequences per process and micro-batch")
+    grad_accum: int = _flag(1, "micro-batches per optimizer step and process")
+    max_seq_len: int = _flag(128, "tokens per sequence, [CLS] and [SEP] included; longer text is chunked")
+    lr: float = _flag(5e-4, "peak learning rate")
+    warmup: float = _flag(0.05, "linear warm-up, as a fraction of the steps")
+    weight_decay: float = _flag(0.0, "AdamW weight decay (not on biases and LayerNorms)")
+    adam_eps: float = _flag(1e-6, "AdamW epsilon")
+    max_grad_norm: float = _flag(5.0, "gradient clipping")
+    temperature: float = _flag(2.0, "softmax temperature of the KL term")
+    alpha_ce: float = _flag(5.0, "weight of the KL (distillation) term")
+    alpha_mlm: float = _flag(2.0, "weight of the masked-LM term")
+    alpha_cos: float = _flag(1.0, "weight of the hidden-state cosine term")
+    restrict_ce_to_mask: bool = _flag(False, "KL over the MLM targets only, not every token")
+    mlm_prob: float = _flag(0.15, "fraction of real tokens that become MLM targets")
+    mlm_smoothing: float = _flag(0.7, "targets drawn with probability count^-smoothing")
+    student_layers: str | None = _flag(None, "teacher layers the student starts from, e.g. 0,2,4,7,9,11")
+    student_init: str = _flag("teacher", "teacher (the recipe) or random (the ablation)")
+    precision: str = _flag("fp32", "autocast of the models; the loss is always fp32")
+    loss: str = _flag("fused", "fused: projection and loss chunk by chunk, no [N, V] logits; fused-logits: "
+                               "logits, then the fused loss; reference: logits, then the unfused recipe loss")
+    device: str = _flag("auto", "cuda when there is a GPU, else cpu")
+    save_every: int = _flag(0, "optimizer steps between checkpoints; 0: none (SIGTERM still saves one)")
+    keep_last: int = _flag(3, "checkpoints kept")
+    resume: str | None = _flag(None, "continue from the newest whole checkpoint in --output-dir, or this one")
+    max_bad_steps: int = _flag(10, "consecutive NaN/inf-loss steps (each skipped) before the run stops")
+    token_weighted: bool = _flag(False, "weight micro-batches and processes by their non-padding tokens")
+    log_every: int = _flag(10, "optimizer steps between metrics.jsonl records")
+    seed: int = _flag(56, "seeds batch order, masking, dropout and a random student")
+    heldout_fraction: float = _flag(0.02, "sequences held out for the final evaluation")
+    tensorboard: bool = _flag(False, "also log to OUTPUT_DIR/tensorboard")
 
 
 CHOICES = {"precision": ("fp32", "bf16", "fp16"), "loss": ("fused", "fused-logits", "reference"),
@@ -127,14 +131,14 @@ def parse_args(argv=None) -> TrainConfig:
     parser.add_argument("--config", type=Path, help="YAML or JSON file with TrainConfig keys")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
+        text = field.metadata["help"]
         if field.name == "resume":
-            parser.add_argument(flag, nargs="?", const="latest", default=None, metavar="CHECKPOINT_DIR",
-                                help="continue from the newest whole checkpoint in --output-dir, or this one")
+            parser.add_argument(flag, nargs="?", const="latest", default=None, metavar="CHECKPOINT_DIR", help=text)
         elif field.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = next((t for t in (int, float) if t in (field.type, *typing.get_args(field.type))), str)
-            parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(field.name))
+            parser.add_argument(flag, type=kind, default=None, choices=CHOICES.get(field.name), help=text)
     args = vars(parser.parse_args(argv))
     values = {}
     config_file = args.pop("config")
