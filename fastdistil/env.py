@@ -1,14 +1,22 @@
-"""`python -m fastdistil.env`: which implementation of each op this machine will run, and why.
+"""`python -m fastdistil.env`: which implementation of each op this machine runs, and why, per device and dtype.
 
-Paste its output into a bug report.
+Paste its output into a bug report. The decisions are DESIGN.md's support matrix: on CPU the C++ kernels and
+PyTorch SDPA; on sm80 and newer the Triton loss and Triton attention in fp32/fp16/bf16; on Volta (sm70) the
+Triton loss in fp32/fp16 only (the chip has no bf16) and SDPA's memory-efficient attention. Attention's lines
+come from fastdistil.attention.auto_backend, the function its dispatch calls.
 """
 
+import os
 import platform
 import sys
 
 import torch
 
 from fastdistil import __version__, extension
+from fastdistil.attention import auto_backend
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HEAD_DIM = 64  # DistilBERT's, for the attention lines
 
 
 def _triton_version() -> str | None:
@@ -19,36 +27,97 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
+def architecture(major: int, minor: int) -> str:
+    if major == 7:
+        return "Turing" if minor >= 5 else "Volta"
+    if major == 8:
+        return "Ada" if minor >= 9 else "Ampere"
+    return {6: "Pascal", 9: "Hopper", 10: "Blackwell", 12: "Blackwell"}.get(major, "unknown architecture")
+
+
+def compute_capability(device: torch.device) -> str:
+    """The device's compute capability and architecture, e.g. "sm70 (Volta)"."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor} ({architecture(major, minor)})"
+
+
+def triple_loss_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """(implementation, why) of fastdistil.triple_loss(backend="auto") for logits of this device and dtype."""
+    if not extension.AVAILABLE:
+        return "unfused reference", "fastdistil._C, which defines the op, is not loaded"
+    if device.type == "cpu":
+        return "C++ kernel", f"fastdistil._C, {extension.cpu_isa()} code path"
+    if _triton_version() is None:
+        return "unfused reference", "Triton is not installed (pip install triton)"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 7:
+        return "unsupported", f"{compute_capability(device)}: Triton runs on sm70 and newer"
+    if major < 8 and dtype == torch.bfloat16:
+        return "unsupported", f"{compute_capability(device)} has no bf16; use fp16 or fp32"
+    return "Triton kernel", compute_capability(device)
+
+
+def fused_linear_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """(implementation, why) of fastdistil.fused_linear_triple_loss: chunks of projections, each chunk's loss by
+    the device's loss kernel; it has no unfused fallback."""
+    loss, why = triple_loss_backend(device, dtype)
+    if loss == "unfused reference":
+        return "unavailable", why
+    if loss == "unsupported":
+        return loss, why
+    return f"chunked projections + {loss} per chunk", why
+
+
+def attention_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """(implementation, why) of fastdistil.attention(backend="auto") at head dim HEAD_DIM."""
+    backend, why = auto_backend(device, dtype, HEAD_DIM)
+    if backend == "sdpa" and device.type == "cuda" and dtype == torch.bfloat16:
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 8:  # SDPA's memory-efficient kernel takes fp16/fp32 only before sm80
+            why += f"; {compute_capability(device)} has no bf16, so SDPA runs its unfused math kernel"
+    return backend, why
+
+
+def _device_lines(device: torch.device) -> list[str]:
+    lines = []
+    for op, decide in (("triple_loss", triple_loss_backend), ("fused_linear_triple_loss", fused_linear_backend),
+                       ("attention", attention_backend)):
+        for dtype_name, dtype in DTYPES.items():
+            impl, why = decide(device, dtype)
+            lines.append(f"  {op:<25} {dtype_name}  {impl} -- {why}")
+    return lines
+
+
 def report() -> str:
     triton_version = _triton_version()
     lines = [
-        f"fastdistil {__version__}",
-        f"python {sys.version.split()[0]} on {platform.machine()} ({platform.system()})",
-        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads",
+        f"fastdistil {__version__}, python {sys.version.split()[0]} on {platform.machine()} ({platform.system()})",
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), {torch.get_num_threads()} intra-op threads",
         f"triton {triton_version or 'not installed'}",
-        f"C++ extension fastdistil._C: {'loaded' if extension.AVAILABLE else 'NOT loaded: ' + str(extension.ERROR)}",
     ]
     if extension.AVAILABLE:
         supported = ", ".join(extension._C.supported_cpu_isas())
-        lines.append(f"CPU instruction sets supported: {supported}; kernels use: {extension.cpu_isa()}")
-        lines.append("triple_loss on CPU tensors: C++ kernel (fastdistil._C)")
+        chosen = ("set by FASTDISTIL_CPU_ISA" if os.environ.get("FASTDISTIL_CPU_ISA")
+                  else "the best of those this CPU runs")
+        lines.append(f"fastdistil._C: loaded; CPU kernels use {extension.cpu_isa()}, {chosen} ({supported})")
     else:
-        lines.append(f"triple_loss on CPU tensors: unfused reference, because {extension.HOW_TO_FIX}")
+        lines.append(f"fastdistil._C: NOT loaded ({extension.ERROR}). {extension.HOW_TO_FIX}")
+    lines.append(f"attention lines are for head dim {HEAD_DIM}")
+    lines.append("cpu:")
+    lines += _device_lines(torch.device("cpu"))
     if not torch.cuda.is_available():
-        lines.append("CUDA: not available")
-    for index in range(torch.cuda.device_count()):
-        major, minor = torch.cuda.get_device_capability(index)
-        name = torch.cuda.get_device_name(index)
-        if not extension.AVAILABLE:
-            impl = "unfused reference (the extension defines the op)"
-        elif triton_version is None:
-            impl = "unfused reference (Triton is not installed: pip install triton)"
-        else:
-            bf16 = ", bf16)" if major >= 8 else "; no bf16 on this chip)"
-            impl = f"Triton kernel (sm{major}{minor}; fp32/fp16{bf16}"
-        lines.append(f"cuda:{index} {name}: triple_loss -> {impl}")
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+        lines.append(f"cuda: not available ({why})")
+    for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        device = torch.device("cuda", index)
+        lines.append(f"{device}: {torch.cuda.get_device_name(index)}, {compute_capability(device)}")
+        lines += _device_lines(device)
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main() -> None:
     print(report())
+
+
+if __name__ == "__main__":
+    main()

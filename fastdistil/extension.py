@@ -1,8 +1,10 @@
 """Loads fastdistil._C, the compiled CPU kernels, and says loudly when it cannot.
 
-Without the extension, torch.ops.fastdistil does not exist and fastdistil.triple_loss(backend="auto") falls
-back to the unfused reference: correct, but an order of magnitude slower. With FASTDISTIL_REQUIRE_EXTENSION=1
-(CI sets it) a missing extension is an import error instead.
+Without the extension, the ops it defines (torch.ops.fastdistil.triple_loss, triple_loss_out and the private ops
+behind them) do not exist and fastdistil.triple_loss(backend="auto") falls back to the unfused reference: correct,
+but an order of magnitude slower. The ops defined in Python (attention; fused_linear_triple_loss, which then
+raises) still exist. With FASTDISTIL_REQUIRE_EXTENSION=1 (CI sets it) a missing extension is an import error
+instead.
 """
 
 import os
@@ -32,8 +34,8 @@ if not AVAILABLE:
     if os.environ.get("FASTDISTIL_REQUIRE_EXTENSION", "0") == "1":
         raise ImportError(message)
     warnings.warn(
-        message + " Until then torch.ops.fastdistil is unavailable and fastdistil.triple_loss runs the "
-        "unfused reference.",
+        message + " Until then torch.ops.fastdistil.triple_loss is unavailable and fastdistil.triple_loss runs "
+        "the unfused reference.",
         RuntimeWarning,
         stacklevel=2,
     )

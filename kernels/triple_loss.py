@@ -9,6 +9,15 @@ dtype, and the KL of the row. A second small kernel does the cosine term on the 
 writes its loss partials to an [N] buffer and torch sums them, so the result is deterministic, and the
 normalizers (numbers of selected, labelled and real rows) are counted by torch on the device and read by the
 kernels, so nothing waits for the host. Computation is in fp32, in fp64 for fp64 inputs (gradient checks).
+
+torch.compile: torch.library.triton_op cannot serve here, because it defines its op and the schema is already
+defined in C++ (csrc/ops.cpp); a second definition is refused. register_cuda_kernel() therefore does by hand what
+triton_op does for the ops it defines: the launchers go through torch.library.wrap_triton when traced, and a
+FunctionalTensorMode rule runs them while AOTAutograd traces the op on CUDA tensors, so the graph Inductor
+compiles holds the Triton kernels themselves instead of an opaque call. wrap_triton alone would not do it: during
+tracing the dispatcher calls the fake kernel, never the CUDA one. Not yet run on a GPU (none here): AOTAutograd's
+trace was checked on fake tensors with Triton pointed at an sm80 target (the forward graph holds both kernels, the
+backward the scaling kernel, each marked as writing only its outputs); Inductor compiling them is unverified.
 """
 
 import contextlib
@@ -194,6 +203,12 @@ def _num_warps(block: int) -> int:
     return max(1, min(32, block // 128))
 
 
+def _launcher(kernel, traceable: bool):
+    # While torch.compile traces the op, wrap_triton turns each launch into a graph node; in eager it would only
+    # add a higher-order-op dispatch to every launch. Under TRITON_INTERPRET=1 it returns the kernel unchanged.
+    return torch.library.wrap_triton(kernel) if traceable else kernel
+
+
 def _device_guard(device: torch.device):
     # Triton launches on the current CUDA device, which need not be the tensors' device.
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -211,6 +226,7 @@ def triple_loss_forward(
     alpha_mlm: float,
     alpha_cos: float,
     restrict_ce_to_mask: bool,
+    traceable: bool = False,
 ):
     """fastdistil::_triple_loss_forward on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
 
@@ -246,13 +262,13 @@ def triple_loss_forward(
     block_v = min(triton.next_power_of_2(vocab), _MAX_BLOCK)
     block_d = min(triton.next_power_of_2(dim), _MAX_BLOCK)
     with _device_guard(s.device):
-        _triple_loss_logits_kernel[(n_rows,)](
+        _launcher(_triple_loss_logits_kernel, traceable)[(n_rows,)](
             s, t, flat_labels, row_flags[0], counts, grad_logits, partials[0], partials[1],
             vocab, 1.0 / temperature, alpha_ce * temperature, alpha_mlm, ACC=acc,
             TEMP_POW=int(temperature) if temperature in (1.0, 2.0) else 0,
             BLOCK_V=block_v, num_warps=_num_warps(block_v),
         )
-        _triple_loss_cosine_kernel[(n_rows,)](
+        _launcher(_triple_loss_cosine_kernel, traceable)[(n_rows,)](
             hs, ht, row_flags[2], counts, grad_hidden, partials[2], dim, alpha_cos, ACC=acc,
             BLOCK_D=block_d, num_warps=_num_warps(block_d),
         )
@@ -290,7 +306,7 @@ def _scale_gradient_kernel(
         tl.store(grad_ptr + offsets, (grad * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def scale_gradient_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+def scale_gradient_(grad: torch.Tensor, scale: torch.Tensor, traceable: bool = False) -> None:
     """fastdistil::_scale_gradient_ on CUDA: grad *= scale in place, in fp32 with one rounding, read from the
     device so the host never waits."""
     if not grad.is_contiguous():
@@ -301,14 +317,33 @@ def scale_gradient_(grad: torch.Tensor, scale: torch.Tensor) -> None:
         return
     block = 4096
     with _device_guard(grad.device):
-        _scale_gradient_kernel[(triton.cdiv(grad.numel(), block),)](
+        _launcher(_scale_gradient_kernel, traceable)[(triton.cdiv(grad.numel(), block),)](
             grad, scale, grad.numel(), ACC=tl.float64 if grad.dtype == torch.float64 else tl.float32, BLOCK=block,
         )
 
 
+def _trace_on_cuda(launcher):
+    """FunctionalTensorMode rule (what triton_op registers for its own ops): AOTAutograd traces the launcher on
+    CUDA tensors, so the graph holds its Triton kernels. Other devices, and torch.export, which should keep the
+    op whole rather than Triton source, get the mode's usual handling: the fake kernel."""
+
+    def rule(mode, op, types, args, kwargs):
+        if args[0].device.type != "cuda" or torch.compiler.is_exporting():
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        with mode:
+            return launcher(*args, **kwargs, traceable=True)
+
+    return rule
+
+
 @functools.cache
 def register_cuda_kernel() -> None:
-    """Makes triple_loss_forward the CUDA kernel of fastdistil::_triple_loss_forward (needs fastdistil._C,
-    which defines the schema). Idempotent: the dispatcher refuses a second Python kernel for the same key."""
-    torch.library.register_kernel("fastdistil::_triple_loss_forward", "cuda", triple_loss_forward)
-    torch.library.register_kernel("fastdistil::_scale_gradient_", "cuda", scale_gradient_)
+    """Makes the launchers the CUDA kernels of fastdistil::_triple_loss_forward and _scale_gradient_ (needs
+    fastdistil._C, which defines the schemas), traced into by torch.compile. Idempotent: the dispatcher refuses a
+    second Python kernel for the same key."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    for op, launcher in (("fastdistil::_triple_loss_forward", triple_loss_forward),
+                         ("fastdistil::_scale_gradient_", scale_gradient_)):
+        torch.library.register_kernel(op, "cuda", launcher)
+        torch.library.register_torch_dispatch(op, FunctionalTensorMode, _trace_on_cuda(launcher))
