@@ -66,6 +66,7 @@ WARMUP_ROUNDS = 1
 # The schedule of a run this long; the benchmark times its first steps (in warm-up, where lr is small: the
 # optimizer does the same work at any lr).
 SCHEDULE_STEPS = 1000
+RECIPE_LR = 5e-4  # the distiller's default, given to both sides
 
 CASES = [(precision, provider) for precision in PRECISIONS for provider in PROVIDERS]
 
@@ -104,7 +105,8 @@ def make_step(provider: str, precision: str, student, teacher, warmup: float = T
     """The callable that runs one optimizer step of `provider` on a batch and returns the loss."""
     amp_dtype = PRECISIONS[precision]
     if provider == "distiller":
-        distiller = Distiller(student, teacher, SCHEDULE_STEPS, warmup_prop=warmup, amp_dtype=amp_dtype)
+        distiller = Distiller(student, teacher, SCHEDULE_STEPS, learning_rate=RECIPE_LR, warmup_prop=warmup,
+                              amp_dtype=amp_dtype)
 
         def distiller_step(batch):
             distiller.step(*batch)
@@ -115,7 +117,7 @@ def make_step(provider: str, precision: str, student, teacher, warmup: float = T
     if provider not in LOSS_OF:
         raise ValueError(f"unknown provider {provider!r}")
     # fastdistil.train's optimizer, schedule and loss, with its defaults (the recipe's).
-    cfg = TrainConfig(precision=precision, warmup=warmup, loss=LOSS_OF[provider])
+    cfg = TrainConfig(precision=precision, warmup=warmup, loss=LOSS_OF[provider], lr=RECIPE_LR)
     optimizer = make_optimizer(student, cfg)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup * SCHEDULE_STEPS),
                                                 SCHEDULE_STEPS)
@@ -153,7 +155,7 @@ def test_distiller_step_matches_fastdistil():
     torch.testing.assert_close(losses["fastdistil"], losses["distiller"], rtol=1e-4, atol=0)
     # Adam moves each weight by about lr per step whatever its gradient's scale, so weights are compared in
     # units of lr: the kernel's rounding and fused vs foreach AdamW stay below 1e-3 lr here.
-    lr = TrainConfig.lr
+    lr = RECIPE_LR
     moved = max((weights["distiller"][name] - before).abs().max() for name, before in initial.items())
     assert moved > lr / 2, f"the distiller's steps did not update the student (largest change {moved:.3g})"
     for name, expected in weights["distiller"].items():
