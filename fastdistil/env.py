@@ -2,8 +2,8 @@
 
 Paste its output into a bug report. The decisions are DESIGN.md's support matrix: on CPU the C++ kernels and
 PyTorch SDPA; on sm80 and newer the Triton loss and Triton attention in fp32/fp16/bf16; on Volta (sm70) the
-Triton loss in fp32/fp16 only (the chip has no bf16) and SDPA's memory-efficient attention. Attention's lines
-come from fastdistil.attention.auto_backend, the function its dispatch calls.
+Triton loss in fp32/fp16 only (the chip has no bf16) and SDPA's memory-efficient attention. The lines come
+from fastdistil.triple_loss.auto_backend and fastdistil.attention.auto_backend, the functions the dispatch calls.
 """
 
 import os
@@ -13,10 +13,13 @@ import sys
 import torch
 
 from fastdistil import __version__, extension
-from fastdistil.attention import auto_backend
+from fastdistil.attention import auto_backend as attention_backend_of
+from fastdistil.triple_loss import auto_backend as loss_backend_of
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HEAD_DIM = 64  # DistilBERT's, for the attention lines
+LOSS_IMPLEMENTATIONS = {"cpp": "C++ kernel", "triton": "Triton kernel", "reference": "unfused reference",
+                        "unsupported": "unsupported"}
 
 
 def _triton_version() -> str | None:
@@ -43,18 +46,8 @@ def compute_capability(device: torch.device) -> str:
 
 def triple_loss_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
     """(implementation, why) of fastdistil.triple_loss(backend="auto") for logits of this device and dtype."""
-    if not extension.AVAILABLE:
-        return "unfused reference", "fastdistil._C, which defines the op, is not loaded"
-    if device.type == "cpu":
-        return "C++ kernel", f"fastdistil._C, {extension.cpu_isa()} code path"
-    if _triton_version() is None:
-        return "unfused reference", "Triton is not installed (pip install triton)"
-    major, _ = torch.cuda.get_device_capability(device)
-    if major < 7:
-        return "unsupported", f"{compute_capability(device)}: Triton runs on sm70 and newer"
-    if major < 8 and dtype == torch.bfloat16:
-        return "unsupported", f"{compute_capability(device)} has no bf16; use fp16 or fp32"
-    return "Triton kernel", compute_capability(device)
+    backend, why = loss_backend_of(device, dtype)
+    return LOSS_IMPLEMENTATIONS[backend], why
 
 
 def fused_linear_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
@@ -70,7 +63,7 @@ def fused_linear_backend(device: torch.device, dtype: torch.dtype) -> tuple[str,
 
 def attention_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
     """(implementation, why) of fastdistil.attention(backend="auto") at head dim HEAD_DIM."""
-    backend, why = auto_backend(device, dtype, HEAD_DIM)
+    backend, why = attention_backend_of(device, dtype, HEAD_DIM)
     if backend == "sdpa" and device.type == "cuda" and dtype == torch.bfloat16:
         major, _ = torch.cuda.get_device_capability(device)
         if major < 8:  # SDPA's memory-efficient kernel takes fp16/fp32 only before sm80

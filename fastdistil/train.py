@@ -25,8 +25,9 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, get_linear_schedul
 
 import fastdistil
 from fastdistil import checkpoint, data, distributed, mlm_head
-from fastdistil.triple_loss_output import TripleLossOutput
+from fastdistil.attention import register_with_transformers
 from fastdistil.student import make_student
+from fastdistil.triple_loss_output import TripleLossOutput
 
 BUNDLED_TEACHER = data.DATA_DIR / "tiny-bert-teacher"
 # The length of a run given neither --max-steps nor --epochs: the built-in default run's, under 3 minutes
@@ -76,6 +77,8 @@ class TrainConfig:
     student_layers: str | None = _flag(None, "teacher layers the student starts from, e.g. 0,2,4,7,9,11")
     student_init: str = _flag("teacher", "teacher (the recipe) or random (the ablation)")
     precision: str = _flag("fp32", "autocast of the models; the loss is always fp32")
+    attention: str = _flag("sdpa", "the student's attention: sdpa (transformers' default), eager, or fastdistil "
+                                   "(the fused Triton kernel on sm80+ GPUs, SDPA elsewhere)")
     loss: str = _flag("fused", "fused: projection and loss chunk by chunk, no [N, V] logits; fused-logits: "
                                "logits, then the fused loss; reference: logits, then the unfused recipe loss")
     device: str = _flag("auto", "cuda when there is a GPU, else cpu")
@@ -91,7 +94,8 @@ class TrainConfig:
 
 
 CHOICES = {"precision": ("fp32", "bf16", "fp16"), "loss": ("fused", "fused-logits", "reference"),
-           "device": ("auto", "cpu", "cuda"), "student_init": ("teacher", "random")}
+           "device": ("auto", "cpu", "cuda"), "student_init": ("teacher", "random"),
+           "attention": ("sdpa", "eager", "fastdistil")}
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -271,6 +275,9 @@ def _distill(cfg: TrainConfig, procs: distributed.Processes, out: Path) -> dict:
     device = device_of(cfg)
     if device.type == "cuda":
         device = torch.device("cuda", procs.local_rank)
+        if cfg.precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use --precision "
+                             "fp16 (with its gradient scaler) or fp32")
     torch.manual_seed(cfg.seed)  # the same initial student (random init) on every rank
     tokenizer_name = cfg.tokenizer or cfg.teacher
     try:
@@ -281,6 +288,9 @@ def _distill(cfg: TrainConfig, procs: distributed.Processes, out: Path) -> dict:
     teacher = load_teacher(cfg, tokenizer, device)
     layers = None if cfg.student_layers is None else [int(i) for i in cfg.student_layers.split(",")]
     student = make_student(teacher, layers, cfg.student_init).to(device).train()
+    if cfg.attention == "fastdistil":
+        register_with_transformers()
+    student.set_attn_implementation(cfg.attention)  # not saved with the student: its export loads anywhere
     model, teacher_inputs = mlm_head.ProjectionInputs(student), mlm_head.ProjectionInputs(teacher)
     if procs.world_size > 1:  # the frozen teacher is a plain replica on every rank
         model = torch.nn.parallel.DistributedDataParallel(

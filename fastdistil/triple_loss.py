@@ -259,7 +259,12 @@ def triple_loss(
     check_inputs(*args)
     args = args + (bool(restrict_ce_to_mask),)
     if backend == "auto":
-        backend = _auto_backend(student_logits.device)
+        backend, why = auto_backend(student_logits.device, student_logits.dtype)
+        if backend == "unsupported":
+            raise ValueError(f"triple_loss: no implementation for {student_logits.dtype} logits on "
+                             f"{student_logits.device}: {why}")
+        if backend != "reference":  # the op: its dispatcher reaches the C++ or the Triton kernel
+            return TripleLossOutput(*torch.ops.fastdistil.triple_loss(*args))
     if backend == "reference":
         return triple_loss_reference(*args)
     if backend == "triton":
@@ -272,14 +277,36 @@ def triple_loss(
     return TripleLossOutput(*torch.ops.fastdistil.triple_loss(*args))
 
 
-def _auto_backend(device: torch.device) -> str:
-    """"op" is torch.ops.fastdistil.triple_loss, whose dispatcher picks the C++ kernel on CPU and the Triton
-    kernel on CUDA; without a compiled kernel for the device, the reference."""
+@torch.compiler.assume_constant_result  # a property of the machine: torch.compile calls it once, at trace time
+def auto_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """(backend, why) of backend="auto" for logits of this device and dtype, by DESIGN.md's support matrix:
+    "cpp" or "triton" (both reached through torch.ops.fastdistil.triple_loss), "reference" when no compiled
+    kernel exists for the device, "unsupported" when the GPU cannot run the dtype at all."""
     if not extension.AVAILABLE:
-        return "reference"
-    if device.type == "cpu" or (device.type == "cuda" and _triton_available()):
-        return "op"
-    return "reference"
+        return "reference", "fastdistil._C, which defines the op, is not loaded"
+    if device.type == "cpu":
+        return "cpp", f"fastdistil._C, {extension.cpu_isa()} code path"
+    if device.type != "cuda":
+        return "reference", f"no fused kernel for {device.type} tensors"
+    if not _triton_available():
+        return "reference", "Triton is not installed (pip install triton)"
+    unsupported = triton_unsupported(device, dtype)
+    if unsupported:
+        return "unsupported", unsupported
+    major, minor = torch.cuda.get_device_capability(device)
+    return "triton", f"sm{major}{minor}"
+
+
+def triton_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the Triton loss kernel cannot run logits of this dtype on this CUDA device, or None if it can."""
+    if device.type != "cuda":
+        return None  # CPU tensors reach the kernel only under Triton's interpreter, which takes any dtype
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 7:
+        return f"sm{major}{minor}: Triton runs on sm70 and newer"
+    if major < 8 and dtype == torch.bfloat16:
+        return f"sm{major}{minor} has no bf16; use fp16 or fp32"
+    return None
 
 
 def _triton_available() -> bool:

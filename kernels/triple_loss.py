@@ -234,10 +234,14 @@ def triple_loss_forward(
     tensors (float64 for float64 inputs), then the gradients of loss in the shapes and dtypes of the student
     tensors.
     """
-    from fastdistil.triple_loss import check_inputs  # fastdistil imports this module; import lazily
+    from fastdistil.triple_loss import check_inputs, triton_unsupported  # fastdistil imports this module
 
     check_inputs(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
                  temperature, alpha_ce, alpha_mlm, alpha_cos)
+    unsupported = triton_unsupported(student_logits.device, student_logits.dtype)
+    if unsupported:
+        raise ValueError(f"triple_loss: the Triton kernel cannot run {student_logits.dtype} student_logits on "
+                         f"{student_logits.device}: {unsupported}")
     vocab = student_logits.size(-1)
     dim = student_hidden.size(-1)
     n_rows = labels.numel()

@@ -365,3 +365,20 @@ def test_opcheck_on_cuda(requires_grad):
     torch.library.opcheck(torch.ops.fastdistil.attention.default, (q, k, v, mask, 0.0, None))
     seed = torch.zeros(1, dtype=torch.int64, device=DEVICE)
     torch.library.opcheck(torch.ops.fastdistil._attention_forward.default, (q, k, v, mask, 0.1, 0.125, seed))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_compile_fullgraph_matches_eager_on_cuda(dtype):
+    """torch.compile keeps the op's Triton kernels (opaque custom ops) in the graph, forward and backward."""
+    q, k, v = make_qkv(batch=2, heads=4, length=100, dim=64, dtype=dtype)
+    mask = padding_mask(2, 100, [100, 37])
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def fn(q, k, v, key_padding_mask):
+        return torch.ops.fastdistil.attention(q, k, v, key_padding_mask)
+
+    compiled = output_and_grads(torch.compile(fn, fullgraph=True), q, k, v, grad_out, key_padding_mask=mask)
+    for a, b in zip(compiled, output_and_grads(fn, q, k, v, grad_out, key_padding_mask=mask)):
+        torch.testing.assert_close(a, b)

@@ -105,7 +105,7 @@ def test_each_device_decided_on_its_own_capability(fake_gpus, needs_triton):
 def test_pre_volta_has_no_triton_loss(fake_gpus, needs_triton):
     gpu = device_section(fake_gpus((6, 1)), "cuda:0:")
     for dtype in env.DTYPES:
-        assert gpu["triple_loss", dtype] == "unsupported -- sm61 (Pascal): Triton runs on sm70 and newer"
+        assert gpu["triple_loss", dtype] == "unsupported -- sm61: Triton runs on sm70 and newer"
         assert gpu["attention", dtype].startswith("sdpa")
 
 
@@ -131,3 +131,21 @@ def test_without_extension_the_loss_is_the_reference(fake_gpus, monkeypatch):
         for dtype in env.DTYPES:
             assert section["triple_loss", dtype].startswith("unfused reference -- fastdistil._C")
             assert section["fused_linear_triple_loss", dtype].startswith("unavailable -- fastdistil._C")
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_bf16_loss_on_volta_is_refused_by_name(fake_gpus, needs_triton, backend):
+    """The dispatch itself refuses what the report calls unsupported, before any kernel runs (fake CUDA tensors
+    stand in for a V100's)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import fastdistil
+
+    fake_gpus((7, 0))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        logits = torch.empty(4, 30, device="cuda", dtype=torch.bfloat16)
+        hidden = torch.empty(4, 8, device="cuda", dtype=torch.bfloat16)
+        labels = torch.full((4,), -100, device="cuda", dtype=torch.long)
+        mask = torch.ones(4, device="cuda", dtype=torch.long)
+        with pytest.raises(ValueError, match=r"bfloat16 .*cuda.*sm70 has no bf16; use fp16 or fp32"):
+            fastdistil.triple_loss(logits, logits, labels, hidden, hidden, mask, backend=backend)

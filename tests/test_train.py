@@ -36,6 +36,22 @@ def test_fused_and_reference_losses_give_the_same_first_steps(teacher_dir, corpu
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (fused, key)
 
 
+def test_the_student_attention_is_a_choice_that_leaves_the_export_portable(teacher_dir, corpus, tmp_path):
+    """On CPU fastdistil's attention is SDPA behind transformers' registry (same dropout draws): the same run.
+    Eager draws its attention dropout differently, so its losses only come close."""
+    runs = {}
+    for attention in ("sdpa", "fastdistil", "eager"):
+        out = tmp_path / attention
+        train.main(train.parse_args(args(teacher_dir, corpus, out, "--max-steps", "2", "--attention", attention)))
+        runs[attention] = metrics_of(out)
+        assert "fastdistil" not in (out / "student" / "config.json").read_text()
+    for a, b in zip(runs["fastdistil"], runs["sdpa"], strict=True):
+        for key in ("loss", "loss_ce", "loss_mlm", "loss_cos", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    assert runs["eager"][0]["loss_cos"] == pytest.approx(runs["sdpa"][0]["loss_cos"], rel=0.2)
+    assert AutoModelForMaskedLM.from_pretrained(tmp_path / "fastdistil" / "student").config.model_type == "distilbert"
+
+
 def test_a_run_is_a_function_of_its_seed(teacher_dir, corpus, tmp_path):
     """Batch order, masking and dropout all derive from the seed: two runs log the same losses."""
     runs = []
