@@ -114,19 +114,23 @@ def _cosine_term(student_hidden, teacher_hidden, valid, n_valid, alpha_cos):
     return loss_cos, grad.to(student_hidden.dtype)
 
 
-def _chunk_kernel(s_logits, t_logits, labels, attention_mask, hidden, temperature, alpha_ce, alpha_mlm,
-                  restrict, grad_buffer):
-    """(loss_ce, loss_mlm, gradient of the chunk's weighted loss wrt its student logits). On CPU into the
-    reused buffer; elsewhere the device kernel allocates its own."""
-    args = (s_logits, t_logits, labels, hidden, hidden, attention_mask, temperature, alpha_ce, alpha_mlm, 0.0,
-            restrict)
-    if s_logits.device.type == "cpu":
-        grad = grad_buffer[: s_logits.size(0)]
-        out = torch.ops.fastdistil.triple_loss_out(*args, grad_student_logits=grad,
-                                                   grad_student_hidden=torch.empty_like(hidden))
-        return out[1], out[2], grad
+def _cpu_chunk_loss(args, grad_buffer):
+    grad = grad_buffer[: args[0].size(0)]
+    out = torch.ops.fastdistil.triple_loss_out(*args, grad_student_logits=grad,
+                                               grad_student_hidden=torch.empty_like(args[3]))
+    return out[1], out[2], grad
+
+
+def _device_chunk_loss(args, grad_buffer):
     out = torch.ops.fastdistil._triple_loss_forward(*args)
     return out[1], out[2], out[4]
+
+
+def chunk_loss_for(device: torch.device):
+    """The loss of one chunk: (loss_ce, loss_mlm, gradient of the chunk's weighted loss wrt its student logits)
+    from (loss args, gradient buffer). On CPU the C++ kernel writes into a buffer reused across chunks;
+    elsewhere the op's device kernel (the Triton kernel on CUDA) allocates its own and no buffer is made."""
+    return _cpu_chunk_loss if device.type == "cpu" else _device_chunk_loss
 
 
 def _project(x, weight, bias, out):
@@ -159,7 +163,8 @@ def _forward(student_input, student_weight, student_bias, teacher_input, teacher
     n_buf = min(chunk, rows.numel())
     s_buf = x_s.new_empty(n_buf, vocab)
     t_buf = x_t.new_empty(n_buf, vocab, dtype=teacher_weight.dtype)
-    g_buf = torch.empty_like(s_buf)
+    chunk_loss = chunk_loss_for(x_s.device)
+    g_buf = torch.empty_like(s_buf) if chunk_loss is _cpu_chunk_loss else None
     hidden_dummy = student_hidden.new_zeros(n_buf, student_hidden.size(-1))
     for start in range(0, rows.numel(), chunk):
         idx = rows[start:start + chunk]
@@ -171,9 +176,9 @@ def _forward(student_input, student_weight, student_bias, teacher_input, teacher
         # The chunk kernel averages over the chunk's rows; these shares turn its means into global ones.
         share_sel = int(selected.index_select(0, idx).sum()) / n_sel if n_sel else 0.0
         share_lab = int((chunk_labels != -100).sum()) / n_lab if n_lab else 0.0
-        ce, mlm, grad_logits = _chunk_kernel(s_logits, t_logits, chunk_labels, chunk_mask, hidden_dummy[:n],
-                                             temperature, alpha_ce * share_sel, alpha_mlm * share_lab,
-                                             restrict_ce_to_mask, g_buf)
+        ce, mlm, grad_logits = chunk_loss((s_logits, t_logits, chunk_labels, hidden_dummy[:n], hidden_dummy[:n],
+                                           chunk_mask, temperature, alpha_ce * share_sel, alpha_mlm * share_lab,
+                                           0.0, restrict_ce_to_mask), g_buf)
         loss_ce += ce * share_sel
         loss_mlm += mlm * share_lab
         grad_input.index_copy_(0, idx, grad_logits @ student_weight)

@@ -1,5 +1,7 @@
 """fastdistil.fused_linear_triple_loss against projecting in float64 and calling the reference loss."""
 
+import sys
+
 import pytest
 import torch
 
@@ -85,6 +87,43 @@ def test_bf16_error_is_within_twice_pytorchs():
     pytorch = terms_and_grads(project_then_loss, cast(inputs, torch.bfloat16))
     for name, a, p, e in zip(TERMS + DIFFERENTIABLE, terms + grads, pytorch[0] + pytorch[1], truth[0] + truth[1]):
         assert_within_pytorch_error(a.float(), p.float(), e, name, floor=1e-2)
+
+
+@pytest.fixture
+def triton_chunks(monkeypatch):
+    """The chunk loop feeding the Triton loss kernel, as it runs on CUDA; without a GPU, on CPU tensors under
+    Triton's interpreter (conftest.py asks for it before anything imports Triton)."""
+    pytest.importorskip("triton")
+    from fastdistil.kernels.triple_loss import triple_loss_forward
+
+    def triton_chunk_loss(args, grad_buffer):
+        assert grad_buffer is None  # the device kernel allocates its own gradient
+        out = triple_loss_forward(*args)
+        return out[1], out[2], out[4]
+
+    monkeypatch.setattr(sys.modules["fastdistil.fused_linear_triple_loss"], "chunk_loss_for",
+                        lambda device: triton_chunk_loss)
+
+
+@pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
+def test_the_chunk_loop_with_the_triton_loss_kernel(triton_chunks, restrict):
+    inputs = make_inputs(lead=(4, 20), pad_from=14)
+    inputs["attention_mask"][1] = 0  # a whole chunk of padding
+    inputs["labels"][1] = -100
+    kwargs = dict(temperature=2.0, restrict_ce_to_mask=restrict)
+    terms, grads = terms_and_grads(fused, cast(inputs, torch.float32), chunk_size=16, **kwargs)
+    terms64, grads64 = terms_and_grads(project_then_loss, cast(inputs, torch.float64), **kwargs)
+    for name, a, e in zip(TERMS + DIFFERENTIABLE, terms + grads, terms64 + grads64):
+        assert_close(a, e, FP32_GRAD_RTOL, name)
+
+
+def test_the_chunk_loop_with_the_triton_loss_kernel_in_fp16(triton_chunks):
+    inputs = make_inputs()
+    terms, grads = terms_and_grads(fused, cast(inputs, torch.float16), chunk_size=32)
+    truth = terms_and_grads(project_then_loss, cast(inputs, torch.float64))
+    pytorch = terms_and_grads(project_then_loss, cast(inputs, torch.float16))
+    for name, a, p, e in zip(TERMS + DIFFERENTIABLE, terms + grads, pytorch[0] + pytorch[1], truth[0] + truth[1]):
+        assert_within_pytorch_error(a.float(), p.float(), e, name, floor=1e-3)
 
 
 def test_a_projector_tied_to_the_embeddings_accumulates_both_gradients():
