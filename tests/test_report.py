@@ -1,0 +1,217 @@
+"""bench/report.py, the one report, on the committed benchmark JSON and small synthetic inputs; and the inference
+benchmark's inputs and models (no timing)."""
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH_DIR))
+
+import report  # noqa: E402
+import test_bench_inference as inference_bench  # noqa: E402
+
+MACHINE = {"cpu_model": "Test CPU", "cpu_count": 2, "cpu_flags": ["avx2", "fma"], "torch_threads": 2,
+           "torch_version": "2.13.0+cpu", "python_version": "3.11.7", "fastdistil_version": "0.1.0",
+           "fastdistil_git": "abc"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def stats(median: float) -> dict:
+    return {"median": median, "q1": 0.9 * median, "q3": 1.1 * median, "min": 0.8 * median, "max": 1.2 * median}
+
+
+def bench_json(path: Path, results: list[dict], machine: dict = MACHINE) -> None:
+    """A pytest-benchmark JSON file of (median seconds, extra_info) results."""
+    benchmarks = [{"name": f"test[{i}]", "stats": stats(median), "extra_info": info}
+                  for i, (median, info) in enumerate(results)]
+    path.write_text(json.dumps({"machine_info": machine, "datetime": "2026-11-25T00:00:00", "benchmarks": benchmarks}))
+
+
+def inference_results(teacher_s: float, student_s: float) -> list[tuple[float, dict]]:
+    """bert-base-shaped results: 32 sequences per round, the teacher `teacher_s` a round, the student `student_s`."""
+    results = []
+    for attention in ("fastdistil", "sdpa", "eager"):
+        for batch_size in (1, 32):
+            for role, seconds in (("teacher", teacher_s), ("student", student_s)):
+                results.append((seconds, dict(
+                    model="bert-base", role=role, attention=attention, batch_size=batch_size,
+                    params=108_891_648 if role == "teacher" else 66_362_880, teacher_params=108_891_648,
+                    student_params=66_362_880, params_ratio=66_362_880 / 108_891_648, layers=12, hidden_size=768,
+                    n_sequences=32, tokens=2636, padded_tokens=4096 if batch_size == 32 else 2636, seq_len_min=15,
+                    seq_len_median=83.5, seq_len_mean=82.4, seq_len_max=128, seconds_per_sequence=seconds / 32,
+                    tokens_per_s=2636 / seconds, other_cpu_fraction=0.01, transformers_version="5.24.0",
+                    cpu_isa="avx2")))
+    return results
+
+
+def fused_linear_results() -> list[tuple[float, dict]]:
+    peaks = {"fused_linear": 100e6, "project_fused": 1000e6, "reference": 3000e6}
+    times = {"fused_linear": 1.0, "project_fused": 1.0, "reference": 4.0}
+    return [(times[p] * n / 2048, dict(N=n, V=30522, D=768, dtype="fp32", provider=p,
+                                       peak_extra_bytes=peaks[p] * n / 2048, nv_fp32_bytes=n * 30522 * 4,
+                                       other_cpu_fraction=0.0, cpu_isa="avx2"))
+            for n in (2048, 8192) for p in peaks]
+
+
+def eval_output(path: Path, teacher=0.8, student=0.76, random_student=0.4, **extra) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"teacher": teacher, "student": student, "random_student": random_student,
+                                "retention": student / teacher, "task": "wiki-topic", **extra}))
+    return path
+
+
+@pytest.fixture
+def results_dir(tmp_path) -> Path:
+    """The committed triple-loss and training-step results, and synthetic inference and fused-linear ones."""
+    out = tmp_path / "results"
+    out.mkdir()
+    for name in ("triple_loss.json", "train_step.json"):
+        shutil.copy(BENCH_DIR / "results" / name, out / name)
+    bench_json(out / "inference.json", inference_results(teacher_s=2.0, student_s=1.2))
+    bench_json(out / "fused_linear.json", fused_linear_results())
+    return out
+
+
+def image_links(markdown: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+
+
+def test_report_has_every_section_table_and_plot(results_dir, tmp_path):
+    eval_path = eval_output(tmp_path / "run" / "eval_wiki-topic.json",
+                            models={"student": {"metrics": {"accuracy": 0.76}, "params": 66e6}}, unknown_key=[1])
+    report.main(["--results-dir", str(results_dir), "--eval", str(eval_path)])
+    text = (results_dir / "REPORT.md").read_text()
+
+    for heading in ("## fastdistil beside the paper", "## Size and inference latency", "## Training step",
+                    "## Triple loss", "## Vocabulary projection + triple loss", "## Downstream retention"):
+        assert heading in text
+    assert "Not in this report" not in text
+    # The paper's numbers, and ours computed from the inputs: student / teacher time 1.2 / 2.0 = 0.60.
+    assert "410 s / 668 s = 0.61" in text and "110.0 M → 66.0 M (40% fewer)" in text and "77.0 / 79.5 = 97%" in text
+    assert "108.9 M → 66.4 M (39% fewer; bert-base shape)" in text
+    assert "0.60 at batch 1, 0.60 at batch 32" in text
+    assert "| 1 | fastdistil | 62.5 | 37.5 | 0.60 | 1.67× |" in text  # 2.0 s and 1.2 s over 32 sequences
+    # Every row of the committed triple-loss table survives, e.g. fp32 N = 8192.
+    assert "| 8,192 | 473 | 22,556 | 20,445 | 47.7× | 43.3× | 1,025 MB (1.03×) |" in text
+    assert "fastdistil runs 1.62× the original distiller's non-padding tokens/s (target ≥ 1.3×: met)" in text
+    assert "the fused path needs 10.0% of the peak extra memory" in text
+    assert "| run | wiki-topic | accuracy | 0.8 | 0.76 | 0.4 | 95.0% | – | 66.0 M |" in text
+    # Hardware and versions of each file, transformers' where the run recorded it.
+    assert "| inference.json | 2026-11-25 00:00 | Test CPU | 2 / 2 | avx2 (avx2) |" in text
+    assert "| 5.24.0 |" in text
+
+    links = image_links(text)
+    assert sorted(links) == ["fused_linear.png", "inference.png", "retention.png", "train_step.png",
+                             "triple_loss.png"]
+    for link in links:
+        assert (results_dir / link).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_missing_inputs_are_named_not_fatal(tmp_path):
+    empty = tmp_path / "results"
+    empty.mkdir()
+    out = tmp_path / "out" / "REPORT.md"
+    report.main(["--results-dir", str(empty), "--out", str(out), "--eval", str(tmp_path / "nowhere.json")])
+    text = out.read_text()
+    for name in ("inference", "train_step", "triple_loss", "fused_linear"):
+        assert f"- {name}: {empty / f'{name}.json'} not found; measure it with `python -m pytest" in text
+    assert f"- downstream retention: {tmp_path / 'nowhere.json'} not found" in text
+    assert "| parameters | 110.0 M → 66.0 M (40% fewer) | not measured |" in text
+    assert not list(out.parent.glob("*.png"))
+
+    report.main(["--results-dir", str(empty), "--out", str(out)])
+    assert "no evaluation output given" in out.read_text()
+
+
+def test_results_file_without_its_results_is_named(tmp_path):
+    bench_json(tmp_path / "inference.json", [(1.0, {"something": "else"})])
+    report.main(["--results-dir", str(tmp_path)])
+    assert f"- inference: {tmp_path / 'inference.json'} holds no inference results" in (
+        tmp_path / "REPORT.md").read_text()
+
+
+@pytest.mark.parametrize("key", report.EVAL_KEYS)
+def test_eval_output_needs_the_four_scores(tmp_path, key):
+    path = eval_output(tmp_path / "eval.json")
+    content = json.loads(path.read_text())
+    del content[key]
+    path.write_text(json.dumps(content))
+    with pytest.raises(SystemExit, match=f"lacks numeric '{key}'"):
+        report.main(["--results-dir", str(tmp_path), "--eval", str(path)])
+    assert not (tmp_path / "REPORT.md").exists()
+
+
+def test_readme_block_replaced_exactly_between_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    head = "# project\n\n## Results\n\nHand-written words.\n"
+    tail = "\n\nMore hand-written words.\n## Layout\n"
+    readme.write_text(f"{head}{report.README_START}\nthe old report\n{report.README_END}{tail}")
+    out = tmp_path / "bench" / "results" / "REPORT.md"
+    out.parent.mkdir(parents=True)
+    bench_json(out.parent / "inference.json", inference_results(teacher_s=2.0, student_s=1.2))
+    args = ["--results-dir", str(out.parent), "--out", str(out), "--readme", str(readme)]
+    report.main(args)
+    text = readme.read_text()
+
+    assert text.startswith(head + report.README_START + "\n") and text.endswith(report.README_END + tail)
+    block = text[len(head + report.README_START):-len(report.README_END + tail)]
+    assert "the old report" not in block
+    # One heading level under the README's "## Results"; images relative to the README.
+    assert "\n### Size and inference latency: teacher and student (CPU)\n" in block
+    assert not re.search(r"^## ", block, flags=re.M)
+    links = image_links(block)
+    assert links and all(link.startswith("bench/results/") and (tmp_path / link).is_file() for link in links)
+    # The report file itself links its images relative to itself.
+    assert all("/" not in link for link in image_links(out.read_text()))
+
+    report.main(args)  # a second run puts the same report in the same place
+    assert readme.read_text() == text
+
+
+@pytest.mark.parametrize("content", ["# project\nno markers\n", f"only {report.README_START}\n",
+                                     f"{report.README_END}\nreversed\n{report.README_START}\n"])
+def test_readme_without_markers_is_a_clear_error(tmp_path, content):
+    readme = tmp_path / "README.md"
+    readme.write_text(content)
+    with pytest.raises(SystemExit, match="README.md needs one '<!-- report:start -->' line"):
+        report.main(["--results-dir", str(tmp_path), "--readme", str(readme)])
+    assert readme.read_text() == content
+    assert not (tmp_path / "REPORT.md").exists()
+
+
+def test_inference_benchmark_inputs_and_models():
+    """What test_bench_inference times: corpus sequences in the trainer's form, padded per batch, and the tiny
+    pair's encoders running each attention implementation, all of them computing the same thing."""
+    sequences = inference_bench.draw_sequences(inference_bench.corpus_sequences(max_documents=40), n=6)
+    assert sequences == inference_bench.draw_sequences(inference_bench.corpus_sequences(max_documents=40), n=6)
+    assert all(s[0] == 101 and s[-1] == 102 and 12 <= len(s) <= 128 for s in sequences)  # [CLS] ... [SEP]
+    assert len({len(s) for s in sequences}) > 1  # lengths vary, as the corpus's do
+
+    for ids, mask in inference_bench.make_batches(sequences, 1):
+        assert bool(mask.all())  # batch 1: nothing padded
+    batches = inference_bench.make_batches(sequences, 4)
+    assert [ids.shape[0] for ids, _ in batches] == [4, 2]
+    for (ids, mask), group in zip(batches, (sequences[:4], sequences[4:])):
+        assert ids.shape[1] == max(map(len, group))  # padded to the batch's longest
+        assert mask.sum(1).tolist() == [len(s) for s in group]
+        assert (ids[~mask] == inference_bench.PAD_ID).all()
+
+    ids, mask = batches[0]
+    for role in inference_bench.ROLES:
+        outputs = {}
+        for attention in inference_bench.ATTENTIONS:
+            model = inference_bench.encoder("tiny", role, attention)
+            assert model.config._attn_implementation == attention
+            with torch.inference_mode():
+                outputs[attention] = model(input_ids=ids, attention_mask=mask).last_hidden_state[mask]
+        for attention in ("fastdistil", "sdpa"):
+            torch.testing.assert_close(outputs[attention], outputs["eager"], rtol=1e-4, atol=1e-4)
+    teacher, student = inference_bench.make_pair("tiny")
+    assert student.config.n_layers * 2 == teacher.config.num_hidden_layers
+    assert inference_bench.count_params(student.distilbert) < inference_bench.count_params(teacher.bert)
