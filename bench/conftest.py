@@ -42,6 +42,8 @@ def copy_bandwidth() -> float:
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
+    import transformers
+
     import fastdistil
 
     machine_info["cpu_model"] = cpu_model()
@@ -49,6 +51,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["cpu_flags"] = cpu_flags()
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["torch_version"] = torch.__version__
+    machine_info["transformers_version"] = transformers.__version__
     machine_info["fastdistil_version"] = fastdistil.__version__
     machine_info["fastdistil_git"] = git_revision()
     machine_info["fastdistil_cpu_isa"] = fastdistil.extension.cpu_isa()
