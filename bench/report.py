@@ -506,7 +506,7 @@ def build(results_dir: Path, eval_paths: list[Path], figure) -> tuple[str, list[
         if path.exists():
             runs[name] = load_suite(path)
         else:
-            missing.append(f"- {name}: {path} not found; measure it with `{MEASURE[name]}`")
+            missing.append(f"- {name}: {path.name} not found; measure it with `{MEASURE[name]}`")
     evals = []
     for path in eval_paths:
         if path.exists():
