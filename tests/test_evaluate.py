@@ -1,0 +1,169 @@
+"""python -m fastdistil.evaluate end to end on a tiny run: tiny models, tiny splits, one epoch."""
+
+import json
+import re
+import shutil
+
+import datasets
+import numpy as np
+import pytest
+
+from fastdistil import evaluate, metrics, train
+from training_runs import args
+
+TINY = ["--max-train-examples", "64", "--max-eval-examples", "32", "--epochs", "1", "--batch-size", "16",
+        "--max-seq-len", "32"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(teacher_dir, corpus, tmp_path_factory):
+    """A finished fastdistil.train run of one step: config.json and student/."""
+    out = tmp_path_factory.mktemp("eval") / "run"
+    train.main(train.parse_args(args(teacher_dir, corpus, out, "--max-steps", "1")))
+    return out
+
+
+def evaluate_(*argv):
+    return evaluate.main(evaluate.parse_args([str(a) for a in argv]))
+
+
+def test_a_run_is_scored_for_teacher_student_and_random_student(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert evaluate.cli([str(run), *TINY]) == 0
+    output = run / "eval_wiki-topic.json"
+    assert not list(run.glob("*.tmp"))  # written whole, then renamed into place
+    written = json.loads(output.read_text())
+    for name in ("teacher", "student", "random_student"):
+        assert 0 <= written[name] <= 1
+        assert written[name] == written["models"][name]["score"] == written["models"][name]["metrics"]["accuracy"]
+    assert written["retention"] == pytest.approx(written["student"] / written["teacher"])
+    models = written["models"]
+    assert models["student"]["params"] == models["random_student"]["params"] < models["teacher"]["params"]
+    assert models["teacher"]["source"] == json.loads((run / "config.json").read_text())["teacher"]
+    assert written["train_examples"] == 64 and written["eval_examples"] == {"test": 32}
+    assert written["labels"] == sorted(written["labels"]) and len(written["labels"]) == 12
+    assert written["hyperparameters"]["epochs"] == 1 and written["hyperparameters"]["lr"] == evaluate.EvalConfig.lr
+    assert written["task"] == "wiki-topic" and written["wall_s"] > 0
+    table = capsys.readouterr().out
+    for name in ("teacher", "student", "random_student"):
+        assert f"{written[name]:.4f}" in table
+    assert f"retention (student / teacher): {100 * written['retention']:.1f} %" in table
+
+
+def test_an_evaluation_is_a_function_of_its_seed(run_dir, tmp_path):
+    first = evaluate_(run_dir, *TINY, "--output", tmp_path / "a.json")
+    second = evaluate_(run_dir, *TINY, "--output", tmp_path / "b.json")
+    assert json.loads((tmp_path / "a.json").read_text()) == {k: v for k, v in first.items() if k != "path"}
+    for name in ("teacher", "student", "random_student"):
+        assert first["models"][name]["metrics"] == second["models"][name]["metrics"]
+
+
+def test_one_checkpoint_with_model(run_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(run_dir / "student", model_dir)
+    evaluate_("--model", model_dir, *TINY)
+    report = json.loads((model_dir / "eval_wiki-topic.json").read_text())
+    assert set(report["models"]) == {"model"} and "retention" not in report
+    assert report["model"] == report["models"]["model"]["score"]
+    # The same checkpoint, hyperparameters and seed as the run's student: the same score.
+    run_report = evaluate_(run_dir, *TINY, "--output", tmp_path / "run.json")
+    assert report["models"]["model"]["metrics"] == run_report["models"]["student"]["metrics"]
+
+
+def test_the_wiki_topic_split_is_fixed_and_covers_every_topic():
+    task = metrics.get_task("wiki-topic")
+    splits = evaluate.load_splits(task)
+    train_titles, test_titles = set(splits["train"]["title"][:]), set(splits["test"]["title"][:])
+    assert not train_titles & test_titles
+    assert len(train_titles) + len(test_titles) == 10_033
+    assert 0.18 < len(test_titles) / 10_033 < 0.22
+    assert set(splits["train"].unique("topic")) == set(splits["test"].unique("topic"))
+    assert len(splits["test"].unique("topic")) == 12
+    assert evaluate.load_splits(task)["test"]["title"][:] == splits["test"]["title"][:]
+
+
+def fake_glue(task: metrics.Task, n: int = 24, drop: str | None = None) -> datasets.DatasetDict:
+    """A tiny in-memory stand-in for a GLUE task's DatasetDict: its columns, splits and label type."""
+    rng = np.random.default_rng(0)
+    words = "the cat sat on a mat while dogs ran across green fields under grey skies".split()
+    if task.is_regression:
+        label = datasets.Value("float32")
+    else:
+        label = datasets.ClassLabel(num_classes=task.num_labels)
+
+    def split():
+        rows = {c: [" ".join(rng.choice(words, 8)) for _ in range(n)] for c in task.text_columns}
+        rows["label"] = (rng.integers(0, 26, n) / 5).tolist() if task.is_regression else \
+            rng.integers(0, task.num_labels, n).tolist()
+        rows["idx"] = list(range(n))
+        features = datasets.Features({**{c: datasets.Value("string") for c in task.text_columns}, "label": label,
+                                      "idx": datasets.Value("int32")})
+        return datasets.Dataset.from_dict({k: v for k, v in rows.items() if k != drop},
+                                          features=datasets.Features({k: v for k, v in features.items()
+                                                                      if k != drop}))
+
+    return datasets.DatasetDict({name: split() for name in ("train", "test", *task.eval_splits)})
+
+
+@pytest.mark.parametrize("name", ["glue/mrpc", "glue/stsb", "glue/mnli"])
+def test_glue_tasks_through_datasets(run_dir, tmp_path, monkeypatch, name):
+    task = metrics.get_task(name)
+    calls = []
+
+    def load_dataset(*a, **kw):
+        calls.append(a)
+        return fake_glue(task)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    report = evaluate_(run, "--task", name, *TINY)
+    assert calls == [("nyu-mll/glue", name.split("/")[1])]
+    written = json.loads((run / f"eval_{name.replace('/', '-')}.json").read_text())
+    expected_keys = {"glue/mrpc": {"accuracy", "f1"}, "glue/stsb": {"pearson", "spearman"},
+                     "glue/mnli": {"accuracy/validation_matched", "accuracy/validation_mismatched"}}[name]
+    for model in ("teacher", "student", "random_student"):
+        values = written["models"][model]["metrics"]
+        assert set(values) == expected_keys
+        assert written[model] == pytest.approx(np.mean(list(values.values())))
+        assert all(-1 <= v <= 1 for v in values.values())
+    assert written["eval_examples"] == {split: 24 for split in task.eval_splits}
+    assert report["labels"] == (None if task.is_regression else [str(i) for i in range(task.num_labels)])
+
+
+@pytest.mark.parametrize("drop", ["label", "sentence2"])
+def test_a_missing_column_is_named_with_those_present(run_dir, monkeypatch, drop):
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: fake_glue(metrics.get_task("glue/rte"),
+                                                                             drop=drop))
+    with pytest.raises(ValueError, match=rf"glue/rte: split 'train' has no column '{drop}' \(columns: \[.*'idx'"):
+        evaluate_(run_dir, "--task", "glue/rte", *TINY)
+
+
+def test_errors_are_one_line_and_exit_2(run_dir, tmp_path, capsys):
+    no_config = tmp_path / "no_config"
+    shutil.copytree(run_dir / "student", no_config / "student")
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(run_dir / "student" / name, no_tokenizer)
+    no_student = tmp_path / "no_student"
+    no_student.mkdir()
+    shutil.copy(run_dir / "config.json", no_student)
+    cases = {
+        (str(run_dir), "--task", "glue/nope"): r"unknown task 'glue/nope'; the tasks are: wiki-topic, imdb, glue/cola",
+        (str(tmp_path / "missing"),): r"run directory .*missing does not exist",
+        (str(no_config),): r"no_config has no config.json: not a fastdistil.train run directory",
+        (str(no_student),): r"no_student has no student/ model",
+        ("--model", str(tmp_path / "missing")): r"--model .*missing: no such directory",
+        ("--model", str(no_tokenizer), *TINY): r"no_tokenizer: no tokenizer \(tokenizer_config.json\)",
+        (): r"give either RUN_DIR .* or --model DIR",
+        (str(run_dir), "--model", str(run_dir / "student")): r"give either RUN_DIR .* or --model DIR",
+        (str(run_dir), "--epochs", "0"): r"--epochs must be > 0, got 0",
+    }
+    for argv, message in cases.items():
+        assert evaluate.cli(list(argv)) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), err
+        assert re.search(message, err), (argv, err)
+    assert not list(run_dir.glob("eval_*.json.tmp"))
