@@ -16,7 +16,7 @@ the trainer masks them. fp32, and bf16 (torch.autocast around both forwards).
     python -m pytest bench/test_bench_train_step.py --benchmark-json bench/results/train_step.json
     python -m pytest bench/test_bench_train_step.py -k fp32      # precision and provider are in every test id
     FASTDISTIL_BENCH_TINY=1 python -m pytest bench/test_bench_train_step.py      # smoke test: tiny models
-    python bench/train_step_report.py bench/results/train_step.json
+    python bench/report.py    # its training-step section, in bench/results/REPORT.md
 
 FASTDISTIL_BENCH_ROUNDS=N sets the timed rounds of every case (default: fp32 5, bf16 2; a full-size fp32 step
 takes ~20 s on two cores, a bf16 one several times that). FASTDISTIL_BENCH_TINY=1 swaps in a tiny teacher
