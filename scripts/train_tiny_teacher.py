@@ -1,10 +1,15 @@
 """Pretrains the small BERT masked LM that fastdistil ships as its built-in teacher.
 
-    python scripts/train_tiny_teacher.py --output-dir fastdistil/data/tiny-bert-teacher
+    python scripts/train_tiny_teacher.py --steps 1500 --output-dir stage1
+    python scripts/train_tiny_teacher.py --init-from stage1 --steps 2000 --lr 2e-3 --output-dir stage2
+    python scripts/train_tiny_teacher.py --init-from stage2 --steps 3000 --lr 1e-3 --mlm-smoothing 0.7 \
+        --output-dir fastdistil/data/tiny-bert-teacher
 
 A 4-layer, 128-wide BERT with the bert-base-uncased vocabulary, trained with masked-LM on the bundled
-Wikipedia sample (the same chunking and dynamic masking as distillation, held-out split excluded). The output
-is a `save_pretrained` directory (safetensors, fp16 to stay small) with the tokenizer beside it.
+Wikipedia sample (the same chunking and dynamic masking as distillation, held-out split excluded): first
+masking uniformly as BERT did, then, in the last stage, favouring rare tokens as distillation masks, so that
+the teacher is good at the positions its student learns from. The output is a `save_pretrained` directory
+(safetensors, fp16 to stay small) with the tokenizer beside it.
 """
 
 import argparse
@@ -35,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", type=Path, help="continue pretraining this saved teacher (a second stage)")
     p.add_argument("--save-every", type=int, default=0, help="also save to OUTPUT_DIR/step-N every N steps")
+    p.add_argument("--mlm-smoothing", type=float, default=0.0,
+                   help="mask tokens with probability ∝ count^-s: 0 masks uniformly as BERT did, 0.7 as distillation")
     return p.parse_args(argv)
 
 
@@ -44,10 +51,8 @@ def main(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(data.BUNDLED_TOKENIZER)
     sequences = data.tokenize_corpus(data.load_corpus(), tokenizer, args.max_seq_len)
     train, _ = data.heldout_split(sequences, HELDOUT_FRACTION, args.seed)
-    probs = data.masking_probabilities(train, tokenizer.vocab_size, tokenizer.all_special_ids)
-    # Pretraining masks uniformly, as BERT did; the frequency weighting is distillation's choice.
-    uniform = (probs > 0).float()
-    masker = data.DynamicMasker(uniform, tokenizer.mask_token_id, tokenizer.vocab_size)
+    probs = data.masking_probabilities(train, tokenizer.vocab_size, tokenizer.all_special_ids, args.mlm_smoothing)
+    masker = data.DynamicMasker(probs, tokenizer.mask_token_id, tokenizer.vocab_size)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
                         num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
                         max_position_embeddings=args.max_seq_len, pad_token_id=tokenizer.pad_token_id)

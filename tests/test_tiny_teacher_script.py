@@ -21,3 +21,30 @@ def test_two_steps_save_a_masked_lm_with_its_tokenizer(tmp_path):
     ids = tokenizer("the cat sat on the mat", return_tensors="pt")
     with torch.no_grad():
         assert torch.isfinite(model.float()(**ids).logits).all()
+
+
+def test_mlm_smoothing_chooses_uniform_or_the_distillation_masking(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("train_tiny_teacher", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = {}
+    real_masker = script.data.DynamicMasker
+
+    def recording_masker(probs, *args):
+        seen["probs"] = probs
+        return real_masker(probs, *args)
+
+    monkeypatch.setattr(script.data, "DynamicMasker", recording_masker)
+    tokenizer = AutoTokenizer.from_pretrained(script.data.BUNDLED_TOKENIZER)
+    common = tokenizer.convert_tokens_to_ids("the")
+    special = tokenizer.all_special_ids
+    tiny = ["--steps", "2", "--hidden", "32", "--layers", "2", "--heads", "2", "--batch-size", "2"]
+
+    script.main(["--output-dir", str(tmp_path / "uniform"), *tiny])
+    uniform = seen["probs"]
+    assert uniform[special].eq(0).all() and uniform[common] == uniform.max() == 1.0
+
+    script.main(["--output-dir", str(tmp_path / "smoothed"), "--mlm-smoothing", "0.7", *tiny])
+    smoothed = seen["probs"]
+    assert smoothed[special].eq(0).all()
+    assert smoothed.max() > 100 * smoothed[common]  # count^-0.7 favours the rare tokens
