@@ -9,10 +9,15 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_tiny_teacher.py"
 
 
-def test_two_steps_save_a_masked_lm_with_its_tokenizer(tmp_path):
+def load_script():
     spec = importlib.util.spec_from_file_location("train_tiny_teacher", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_two_steps_save_a_masked_lm_with_its_tokenizer(tmp_path):
+    script = load_script()
     script.main(["--output-dir", str(tmp_path), "--steps", "2", "--hidden", "32", "--layers", "2",
                  "--heads", "2", "--batch-size", "4"])
     model = AutoModelForMaskedLM.from_pretrained(tmp_path)
@@ -24,9 +29,7 @@ def test_two_steps_save_a_masked_lm_with_its_tokenizer(tmp_path):
 
 
 def test_mlm_smoothing_chooses_uniform_or_the_distillation_masking(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("train_tiny_teacher", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script()
     seen = {}
     real_masker = script.data.DynamicMasker
 
