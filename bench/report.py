@@ -22,7 +22,7 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
-from report_format import (BUSY, MB, bars, busy_note, fmt_params, median, plot_against_n, pyplot,
+from report_format import (BUSY, MB, bars, busy_note, fmt_ms, fmt_params, median, plot_against_n, pyplot,
                            ratio, save, table, timing)
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -207,7 +207,8 @@ def fused_linear_section(data: dict, results: list[dict], figure) -> list[str]:
 STEP_PROVIDERS = {"distiller": ("original distiller (baseline)", "tab:red"),
                   "fastdistil": ("fastdistil (fused projection + loss, fused AdamW)", "tab:blue"),
                   "fastdistil_fused_logits": ("fastdistil, logits then fused loss", "tab:green"),
-                  "fastdistil_reference_loss": ("fastdistil, reference loss", "tab:orange")}
+                  "fastdistil_reference_loss": ("fastdistil, reference loss", "tab:orange"),
+                  "matmul_floor": ("matrix products alone (the floor)", "tab:gray")}
 STEP_TARGET = ("fp32", 1.3)  # the issue's bar: fastdistil's non-padding tokens/s over the distiller's, in fp32
 
 
@@ -222,6 +223,18 @@ def tokens_ratio(result: dict | None, baseline: dict | None) -> float | None:
     if result and baseline and result.get("tokens_per_s") and baseline.get("tokens_per_s"):
         return result["tokens_per_s"] / baseline["tokens_per_s"]
     return None
+
+
+def floor_sentence(by_provider: dict) -> str:
+    """What the step's matrix products alone take, and the speed-up over the distiller they leave room for."""
+    floor, distiller = by_provider.get("matmul_floor"), by_provider.get("distiller")
+    ceiling = tokens_ratio(floor, distiller)
+    if not (ceiling and floor.get("matmul_gflop")):
+        return ""
+    return (f" The step's matrix products alone ({floor['matmul_gflop']:,.0f} GFLOP, the same in every "
+            f"provider) take {fmt_ms(median(floor))} ms here, {floor['matmul_gflop'] / median(floor):.0f} "
+            f"GFLOP/s: no implementation that computes them can run more than {ceiling:.2f}× the distiller's "
+            "tokens/s on this machine.")
 
 
 def step_groups(results: list[dict]) -> list[tuple[str, str, dict]]:
@@ -243,7 +256,8 @@ def train_step_section(data: dict, results: list[dict], figure) -> list[str]:
         speedup = tokens_ratio(by_provider.get("fastdistil"), by_provider.get("distiller"))
         if prec == precision and speedup:
             parts += [f"**{prec}, {setting}:** fastdistil runs {speedup:.2f}× the original distiller's non-padding "
-                      f"tokens/s (target ≥ {target}×: {'met' if speedup >= target else 'NOT met'}).", ""]
+                      f"tokens/s (target ≥ {target}×: {'met' if speedup >= target else 'NOT met'})."
+                      + floor_sentence(by_provider), ""]
     cols = ["provider", "median step ms", "non-padding tokens/s", "vs distiller", "peak extra memory"]
     for prec, setting, by_provider in groups:
         rows = [[label, timing(r), f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "–",
@@ -263,7 +277,10 @@ def train_step_section(data: dict, results: list[dict], figure) -> list[str]:
         "the vocabulary projections and the triple loss fused chunk by chunk, no [N, V] logits; fused AdamW). "
         "*logits then fused loss*: `--loss fused-logits`, both models' logits and then the fused loss op. "
         "*fastdistil, reference loss*: `--loss reference`, the logits and then the unfused recipe loss, so its "
-        "gap to *fastdistil* is the loss's share. bf16: both forwards under `torch.autocast`. Peak extra "
+        "gap to *fastdistil* is the loss's share. *matrix products alone*: the mm/addmm/bmm calls of the "
+        "distiller's step, forward and backward, recorded and replayed at their shapes and in their order on "
+        "random operands (`bench/matmul_floor.py`): what any exact step of these models must compute. "
+        "bf16: both forwards under `torch.autocast`. Peak extra "
         "memory: the most tensor memory held at once by tensors allocated during one step, over the weights "
         "and AdamW moments held between steps (profiler allocation events, `bench/memory.py`).",
         *busy_note(results, data, "step"), ""]

@@ -8,6 +8,10 @@ Providers, each from the same weights on the same batches, one optimizer step pe
                              logits), make_optimizer's fused AdamW.
   fastdistil_fused_logits    the same with --loss fused-logits: both models' logits, then the fused loss op.
   fastdistil_reference_loss  the same with --loss reference: the logits, then the recipe's unfused loss.
+  matmul_floor               the distiller step's matrix products alone (bench/matmul_floor.py), replayed at
+                             their shapes and in their order: a floor for the time of any exact step of these
+                             models, so distiller / matmul_floor bounds the speed-up any implementation can
+                             show on this machine.
 
 Teacher: BertForMaskedLM with bert-base's config and seeded random weights; student: make_student(teacher),
 6 layers from teacher layers 0, 2, 4, 7, 9, 11. Batches: 8 x 128 from the bundled Wikipedia sample, masked as
@@ -41,6 +45,7 @@ from torch.nn.utils import clip_grad_norm_
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, get_linear_schedule_with_warmup
 
 import fastdistil
+import matmul_floor
 from distiller_step import Distiller
 from fastdistil import data
 from fastdistil.mlm_head import ProjectionInputs
@@ -58,7 +63,7 @@ TINY_BATCH = (2, 32)  # (batch size, sequence length)
 BATCH = TINY_BATCH if TINY else (8, 128)
 N_BATCHES = 8  # the fixed batches every provider cycles through, in the same order
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # autocast dtype, as fastdistil.train maps --precision
-PROVIDERS = ("distiller", "fastdistil", "fastdistil_fused_logits", "fastdistil_reference_loss")
+PROVIDERS = ("distiller", "fastdistil", "fastdistil_fused_logits", "fastdistil_reference_loss", "matmul_floor")
 LOSS_OF = {"fastdistil": "fused", "fastdistil_fused_logits": "fused-logits", "fastdistil_reference_loss": "reference"}
 ROUNDS = {"fp32": 5, "bf16": 2}
 if "FASTDISTIL_BENCH_ROUNDS" in os.environ:
@@ -114,6 +119,10 @@ def make_step(provider: str, precision: str, student, teacher, warmup: float = T
             return distiller.last_loss
 
         return distiller_step
+
+    if provider == "matmul_floor":
+        distiller_step = make_step("distiller", precision, student, teacher, warmup)
+        return matmul_floor.Replay(matmul_floor.record(distiller_step, load_batches(*BATCH)[0]))
 
     if provider not in LOSS_OF:
         raise ValueError(f"unknown provider {provider!r}")
@@ -204,3 +213,5 @@ def test_train_step(benchmark, copy_bandwidth, precision, provider):
         torch_threads=torch.get_num_threads(),
         cpu_isa=fastdistil.extension.cpu_isa(),
     )
+    if isinstance(step, matmul_floor.Replay):
+        benchmark.extra_info["matmul_gflop"] = matmul_floor.flops(step.calls) / 1e9
