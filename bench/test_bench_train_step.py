@@ -23,7 +23,8 @@ the trainer masks them. fp32, and bf16 (torch.autocast around both forwards).
     python bench/report.py    # its training-step section, in bench/results/REPORT.md
 
 FASTDISTIL_BENCH_ROUNDS=N sets the timed rounds of every case (default: fp32 5, bf16 2; a full-size fp32 step
-takes 11-13 s on two idle AVX2 cores, a bf16 one 5-6 min there, without bf16 arithmetic in the CPU).
+takes 10-14 s on two idle AVX2 cores, a bf16 one about 6 min there, without bf16 arithmetic in the CPU; the
+matmul_floor case first records one distiller step, outside the timing).
 FASTDISTIL_BENCH_TINY=1 swaps in a tiny teacher (hidden 64, 4 layers) and 2 x 32 batches.
 test_distiller_step_matches_fastdistil, not a benchmark, checks that the baseline computes what fastdistil
 computes.
