@@ -10,8 +10,6 @@ Recorded: aten mm, addmm, bmm and baddbmm calls, forward and backward. Products 
 attention of SDPA) are left out, which can only lower the floor.
 """
 
-from collections import Counter
-
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -73,11 +71,9 @@ class Replay:
 
     def __init__(self, calls: list):
         generator = torch.Generator().manual_seed(0)
-        operands = {}
-        for signature in Counter(calls):
-            func, args, kwargs = signature
-            operands[signature] = (tuple(_materialize(a, generator) for a in args),
-                                   {k: _materialize(v, generator) for k, v in kwargs})
+        operands = {(func, args, kwargs): (tuple(_materialize(a, generator) for a in args),
+                                           {k: _materialize(v, generator) for k, v in kwargs})
+                    for func, args, kwargs in dict.fromkeys(calls)}
         self.calls = calls
         self._plan = [(func, *operands[(func, args, kwargs)]) for func, args, kwargs in calls]
 
