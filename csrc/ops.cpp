@@ -18,7 +18,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triple_loss(
     double temperature, double alpha_ce, double alpha_mlm, double alpha_cos, bool restrict_ce_to_mask) {
   static auto forward = c10::Dispatcher::singleton()
                             .findSchemaOrThrow("fastdistil::_triple_loss_forward", "")
-                            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+                            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                              at::Tensor>(
                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, const at::Tensor&, double, double, double, double, bool)>();
   auto out = forward.call(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
@@ -32,21 +33,26 @@ TORCH_LIBRARY(fastdistil, m) {
       "Tensor teacher_hidden, Tensor attention_mask, float temperature=2.0, float alpha_ce=5.0, "
       "float alpha_mlm=2.0, float alpha_cos=1.0, bool restrict_ce_to_mask=False) "
       "-> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos)");
-  // The same computation, also returning the gradient of `loss` with respect to student_logits and
-  // student_hidden (in their dtypes). What the device kernels implement.
+  // The same computation, also returning the gradient of `loss` with respect to student_logits (in its dtype,
+  // times logits_grad_scale, a power of two that is 1 except for fp16 logits) and student_hidden (in its dtype,
+  // fp32 for fp16 hidden states): the forward rounds the gradient before any loss scale reaches it, and these
+  // keep fp16's small entries (kernels/gradient_scale.py says how). What the device kernels implement.
   m.def(
       "_triple_loss_forward(Tensor student_logits, Tensor teacher_logits, Tensor labels, Tensor student_hidden, "
       "Tensor teacher_hidden, Tensor attention_mask, float temperature, float alpha_ce, float alpha_mlm, "
       "float alpha_cos, bool restrict_ce_to_mask) "
       "-> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos, Tensor grad_student_logits, "
-      "Tensor grad_student_hidden)");
+      "Tensor grad_student_hidden, Tensor logits_grad_scale)");
   // Writes the gradient into caller-owned buffers: a training loop that reuses them every step does not pay
-  // for allocating and first-touching an [N, V] tensor each time. No autograd.
+  // for allocating and first-touching an [N, V] tensor each time. No autograd. The logits gradient is written
+  // times logits_grad_scale (a caller under a loss scale passes a power of two near it, so that fp16 keeps the
+  // small entries); grad_student_hidden may be float32 instead of student_hidden's dtype.
   m.def(
       "triple_loss_out(Tensor student_logits, Tensor teacher_logits, Tensor labels, Tensor student_hidden, "
       "Tensor teacher_hidden, Tensor attention_mask, float temperature, float alpha_ce, float alpha_mlm, "
       "float alpha_cos, bool restrict_ce_to_mask, *, Tensor(a!) grad_student_logits, "
-      "Tensor(b!) grad_student_hidden) -> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos)");
+      "Tensor(b!) grad_student_hidden, float logits_grad_scale=1.0) "
+      "-> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos)");
   // Backward of _triple_loss_forward: grad *= scale in place (scale is grad_output, a 0-dim fp32 tensor), in
   // fp32 with a single rounding, and nothing at all when scale is exactly 1.
   m.def("_scale_gradient_(Tensor(a!) grad, Tensor scale) -> ()");

@@ -24,6 +24,7 @@ struct RowsArgs {
   const uint8_t* real;      // non-padding (cosine) row mask
   int64_t V, D;
   at::ScalarType logits_dtype, teacher_dtype, hidden_dtype, teacher_hidden_dtype;
+  at::ScalarType grad_hidden_dtype;  // hidden_dtype, or float32 for fp16 hidden states (see triple_loss_cpu.cpp)
   float inv_temp, kl_coef, ce_coef, cos_coef;
   int temp_pow;  // 1 or 2 when T is that integer, else 0
   double* kl_rows;

@@ -4,6 +4,10 @@
 // row and its own loss partials, and the partials are summed in row order afterwards, so the result does not
 // depend on the number of threads. Rows that contribute nothing (padding without a label; non-target rows
 // under restrict_ce_to_mask) only get their gradient row zeroed.
+//
+// fp16: the logits gradient is written times a power of two P, and the hidden-state gradient of fp16 hidden
+// states in fp32, so that the loss scale backward applies later cannot find them underflowed.
+// kernels/gradient_scale.py explains the rule and computes the same P on the device for the Triton kernel.
 
 #include <torch/extension.h>
 
@@ -11,8 +15,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -111,6 +117,14 @@ void check_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& la
   }
 }
 
+// P (kernels/gradient_scale.py): 2^k with P * (kl_coef + ce_coef) in (2^14, 2^15], 1 when no row has a gradient.
+double fp16_logits_grad_scale(double kl_coef, double ce_coef) {
+  const double bound = kl_coef + ce_coef;
+  if (!(bound > 0)) return 1.0;
+  const double exponent = std::floor(std::log2(32768.0 / bound));
+  return std::ldexp(1.0, static_cast<int>(std::clamp(exponent, -126.0, 126.0)));
+}
+
 // The loss terms are fp32 scalars, float64 for float64 inputs (gradcheck needs the extra digits).
 at::Tensor scalar_tensor(double v, bool float64) {
   return at::scalar_tensor(v, at::TensorOptions().dtype(float64 ? at::kDouble : at::kFloat));
@@ -118,11 +132,21 @@ at::Tensor scalar_tensor(double v, bool float64) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triple_loss_out_cpu(
-    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& labels,
-    const at::Tensor& student_hidden, const at::Tensor& teacher_hidden, const at::Tensor& attention_mask,
-    double temperature, double alpha_ce, double alpha_mlm, double alpha_cos, bool restrict_ce_to_mask,
-    at::Tensor& grad_student_logits, at::Tensor& grad_student_hidden) {
+namespace {
+
+// The loss terms of one call, and the factor its logits gradient was written with.
+struct Result {
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> terms;
+  double logits_grad_scale;
+};
+
+// logits_grad_scale: what the written logits gradient is multiplied by; nullopt picks P
+// for fp16 logits and 1 otherwise.
+Result run(const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& labels,
+           const at::Tensor& student_hidden, const at::Tensor& teacher_hidden, const at::Tensor& attention_mask,
+           double temperature, double alpha_ce, double alpha_mlm, double alpha_cos, bool restrict_ce_to_mask,
+           at::Tensor& grad_student_logits, at::Tensor& grad_student_hidden,
+           std::optional<double> logits_grad_scale) {
   check_inputs(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask, temperature,
                alpha_ce, alpha_mlm, alpha_cos);
   TORCH_CHECK(grad_student_logits.sizes() == student_logits.sizes() &&
@@ -130,13 +154,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triple_loss_out_cpu(
                   grad_student_logits.is_contiguous() && grad_student_logits.device() == student_logits.device(),
               "triple_loss_out: grad_student_logits must be a contiguous ", student_logits.scalar_type(),
               " tensor of shape ", student_logits.sizes(), " on ", student_logits.device());
-  TORCH_CHECK(grad_student_hidden.sizes() == student_hidden.sizes() &&
-                  grad_student_hidden.scalar_type() == student_hidden.scalar_type() &&
+  const bool hidden_grad_dtype_ok = grad_student_hidden.scalar_type() == student_hidden.scalar_type() ||
+                                    (grad_student_hidden.scalar_type() == at::kFloat &&
+                                     student_hidden.scalar_type() != at::kDouble);
+  TORCH_CHECK(grad_student_hidden.sizes() == student_hidden.sizes() && hidden_grad_dtype_ok &&
                   grad_student_hidden.is_contiguous() && grad_student_hidden.device() == student_hidden.device(),
               "triple_loss_out: grad_student_hidden must be a contiguous ", student_hidden.scalar_type(),
-              " tensor of shape ", student_hidden.sizes(), " on ", student_hidden.device());
+              " (or float32) tensor of shape ", student_hidden.sizes(), " on ", student_hidden.device());
   TORCH_CHECK(!grad_student_logits.is_same(student_logits) && !grad_student_logits.is_same(teacher_logits),
               "triple_loss_out: grad_student_logits must not be one of the logit inputs");
+  TORCH_CHECK(!logits_grad_scale || (std::isfinite(*logits_grad_scale) && *logits_grad_scale > 0),
+              "triple_loss_out: logits_grad_scale must be a positive finite number, got ",
+              logits_grad_scale.value_or(0.0));
 
   const auto s = student_logits.contiguous();
   const auto t = teacher_logits.contiguous();
@@ -178,13 +207,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triple_loss_out_cpu(
   args.teacher_dtype = t.scalar_type();
   args.hidden_dtype = hs.scalar_type();
   args.teacher_hidden_dtype = ht.scalar_type();
+  args.grad_hidden_dtype = grad_student_hidden.scalar_type();
   args.inv_temp = static_cast<float>(1.0 / temperature);
   // Weights of the gradient terms: d loss / d s = kl_coef * (q - p) + ce_coef * (softmax(s) - onehot).
   const double kl_coef = n_selected ? alpha_ce * temperature / n_selected : 0.0;
   const double ce_coef = n_labelled ? alpha_mlm / n_labelled : 0.0;
   const double cos_coef = n_real ? alpha_cos / n_real : 0.0;
-  args.kl_coef = static_cast<float>(kl_coef);
-  args.ce_coef = static_cast<float>(ce_coef);
+  const double grad_scale = logits_grad_scale.value_or(
+      s.scalar_type() == at::kHalf ? fp16_logits_grad_scale(kl_coef, ce_coef) : 1.0);
+  args.kl_coef = static_cast<float>(kl_coef * grad_scale);
+  args.ce_coef = static_cast<float>(ce_coef * grad_scale);
   args.cos_coef = static_cast<float>(cos_coef);
   args.temp_pow = temperature == 1.0 ? 1 : (temperature == 2.0 ? 2 : 0);
   args.kl_rows = kl_rows.data();
@@ -192,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triple_loss_out_cpu(
   args.cos_rows = cos_rows.data();
 
   if (s.scalar_type() == at::kDouble) {
-    float64_rows(s, t, lab, hs, ht, selected, real, temperature, kl_coef, ce_coef, cos_coef,
+    float64_rows(s, t, lab, hs, ht, selected, real, temperature, kl_coef * grad_scale, ce_coef * grad_scale, cos_coef,
                  grad_student_logits, grad_student_hidden, kl_rows.data(), ce_rows.data(), cos_rows.data());
   } else {
     const RowsFn rows = rows_for(cpu_isa());
@@ -214,21 +246,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triple_loss_out_cpu(
   const double loss_cos = n_real ? cos / n_real : 0.0;
   const double loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos;
   const bool float64 = s.scalar_type() == at::kDouble;
-  return {scalar_tensor(loss, float64), scalar_tensor(loss_ce, float64), scalar_tensor(loss_mlm, float64),
-          scalar_tensor(loss_cos, float64)};
+  return {{scalar_tensor(loss, float64), scalar_tensor(loss_ce, float64), scalar_tensor(loss_mlm, float64),
+           scalar_tensor(loss_cos, float64)},
+          grad_scale};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> triple_loss_forward_cpu(
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triple_loss_out_cpu(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& labels,
     const at::Tensor& student_hidden, const at::Tensor& teacher_hidden, const at::Tensor& attention_mask,
-    double temperature, double alpha_ce, double alpha_mlm, double alpha_cos, bool restrict_ce_to_mask) {
+    double temperature, double alpha_ce, double alpha_mlm, double alpha_cos, bool restrict_ce_to_mask,
+    at::Tensor& grad_student_logits, at::Tensor& grad_student_hidden, double logits_grad_scale) {
+  return run(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask, temperature,
+             alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, grad_student_logits, grad_student_hidden,
+             logits_grad_scale)
+      .terms;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+triple_loss_forward_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& labels,
+                        const at::Tensor& student_hidden, const at::Tensor& teacher_hidden,
+                        const at::Tensor& attention_mask, double temperature, double alpha_ce, double alpha_mlm,
+                        double alpha_cos, bool restrict_ce_to_mask) {
   // Every element of both gradients is written by the kernel, so no zero fill.
   auto grad_logits = gradient_buffer(student_logits.sizes(), student_logits.options());
-  auto grad_hidden = at::empty(student_hidden.sizes(), student_hidden.options().memory_format(at::MemoryFormat::Contiguous));
-  auto [loss, loss_ce, loss_mlm, loss_cos] =
-      triple_loss_out_cpu(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
-                          temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, grad_logits, grad_hidden);
-  return {loss, loss_ce, loss_mlm, loss_cos, grad_logits, grad_hidden};
+  const auto hidden_grad_dtype = student_hidden.scalar_type() == at::kHalf ? at::kFloat : student_hidden.scalar_type();
+  auto grad_hidden = at::empty(student_hidden.sizes(), student_hidden.options().dtype(hidden_grad_dtype)
+                                                            .memory_format(at::MemoryFormat::Contiguous));
+  auto result = run(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
+                    temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, grad_logits, grad_hidden,
+                    std::nullopt);
+  auto [loss, loss_ce, loss_mlm, loss_cos] = result.terms;
+  return {loss, loss_ce, loss_mlm, loss_cos, grad_logits, grad_hidden,
+          scalar_tensor(result.logits_grad_scale, student_logits.scalar_type() == at::kDouble)};
 }
 
 void scale_gradient_cpu(at::Tensor& grad, const at::Tensor& scale) {

@@ -256,8 +256,8 @@ static RowResult logits_row(const S* s, const T* t, S* grad, int64_t V, int64_t 
 
 // One hidden-state row: returns 1 - cos(h_s, h_t) with torch's eps on the squared norms, and writes
 // cos_coef * d(1 - cos)/d h_s.
-template <typename S, typename T>
-static double cosine_row(const S* hs, const T* ht, S* grad, int64_t D, float cos_coef) {
+template <typename S, typename T, typename G>
+static double cosine_row(const S* hs, const T* ht, G* grad, int64_t D, float cos_coef) {
   const int64_t full = D / kLanes * kLanes;
   const int64_t rest = D - full;
   vf dot_v = splat(0.f), ss_v = splat(0.f), tt_v = splat(0.f);
@@ -313,15 +313,15 @@ static void logits_rows(const RowsArgs& a, int64_t begin, int64_t end, float* sc
   }
 }
 
-template <typename S, typename T>
+template <typename S, typename T, typename G>
 static void hidden_rows(const RowsArgs& a, int64_t begin, int64_t end) {
   const S* hs = static_cast<const S*>(a.student_hidden);
   const T* ht = static_cast<const T*>(a.teacher_hidden);
-  S* g = static_cast<S*>(a.grad_hidden);
+  G* g = static_cast<G*>(a.grad_hidden);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t off = r * a.D;
     if (!a.real[r]) {
-      for (int64_t i = 0; i < a.D; ++i) g[off + i] = S(0);
+      for (int64_t i = 0; i < a.D; ++i) g[off + i] = G(0);
       continue;
     }
     a.cos_rows[r] = cosine_row(hs + off, ht + off, g + off, a.D, a.cos_coef);
@@ -343,7 +343,13 @@ void rows(const RowsArgs& a, int64_t begin, int64_t end, float* scratch) {
   });
   FASTDISTIL_DISPATCH_FLOAT_TYPES(a.hidden_dtype, "triple_loss_student_hidden", [&] {
     using S = scalar_t;
-    FASTDISTIL_DISPATCH_FLOAT_TYPES(a.teacher_hidden_dtype, "triple_loss_teacher_hidden",
-                                    [&] { hidden_rows<S, scalar_t>(a, begin, end); });
+    FASTDISTIL_DISPATCH_FLOAT_TYPES(a.teacher_hidden_dtype, "triple_loss_teacher_hidden", [&] {
+      using T = scalar_t;
+      if (a.grad_hidden_dtype == at::kFloat) {
+        hidden_rows<S, T, float>(a, begin, end);
+      } else {
+        hidden_rows<S, T, S>(a, begin, end);
+      }
+    });
   });
 }

@@ -9,6 +9,6 @@ namespace fastdistil::avx2 {
 }  // namespace fastdistil::avx2
 #else
 namespace fastdistil::avx2 {
-void rows(const RowsArgs&, int64_t, int64_t) { TORCH_CHECK(false, "fastdistil: avx2 kernels exist on x86-64 only"); }
+void rows(const RowsArgs&, int64_t, int64_t, float*) { TORCH_CHECK(false, "fastdistil: avx2 kernels exist on x86-64 only"); }
 }  // namespace fastdistil::avx2
 #endif

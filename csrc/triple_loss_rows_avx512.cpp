@@ -9,6 +9,6 @@ namespace fastdistil::avx512 {
 }  // namespace fastdistil::avx512
 #else
 namespace fastdistil::avx512 {
-void rows(const RowsArgs&, int64_t, int64_t) { TORCH_CHECK(false, "fastdistil: avx512 kernels exist on x86-64 only"); }
+void rows(const RowsArgs&, int64_t, int64_t, float*) { TORCH_CHECK(false, "fastdistil: avx512 kernels exist on x86-64 only"); }
 }  // namespace fastdistil::avx512
 #endif

@@ -4,6 +4,11 @@ The schema lives in csrc/ops.cpp. The kernels (C++ on CPU, Triton on CUDA) imple
 _triple_loss_forward, which returns the loss terms together with the gradient of the weighted loss with
 respect to the student logits and hidden states, computed in the same pass. Backward only scales that
 gradient by grad_output, in place, so training holds one [N, V] gradient and nothing else of vocabulary size.
+
+For fp16 the forward's gradient is stored in a form that a loss scale cannot underflow (the logits gradient
+times a power of two, the hidden-state gradient in fp32; kernels/gradient_scale.py explains why), and backward
+applies grad_output and undoes the power of two in one fp32 multiplication: under a GradScaler the result is
+the reference's gradient to fp16 rounding.
 """
 
 import warnings
@@ -13,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from fastdistil import extension
+from fastdistil.kernels.gradient_scale import hidden_grad_dtype
 from fastdistil.reference import triple_loss_reference
 from fastdistil.triple_loss_output import TripleLossOutput
 
@@ -126,6 +132,8 @@ def _loss_dtype(student_logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if student_logits.dtype == torch.float64 else torch.float32
 
 
+
+
 if extension.AVAILABLE:
 
     @torch.library.register_fake("fastdistil::_triple_loss_forward")
@@ -142,12 +150,15 @@ if extension.AVAILABLE:
             scalar.clone(),
             scalar.clone(),
             torch.empty_like(student_logits, memory_format=torch.contiguous_format),
-            torch.empty_like(student_hidden, memory_format=torch.contiguous_format),
+            torch.empty_like(student_hidden, dtype=hidden_grad_dtype(student_hidden.dtype),
+                             memory_format=torch.contiguous_format),
+            scalar.clone(),
         )
 
     @torch.library.register_fake("fastdistil::triple_loss_out")
     def _(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask, temperature,
-          alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, *, grad_student_logits, grad_student_hidden):
+          alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, *, grad_student_logits, grad_student_hidden,
+          logits_grad_scale=1.0):
         _check_devices(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
                        grad_student_logits, grad_student_hidden)
         scalar = student_logits.new_empty((), dtype=_loss_dtype(student_logits))
@@ -155,26 +166,31 @@ if extension.AVAILABLE:
 
 
 def _setup_context(ctx, inputs, output):
-    loss, loss_ce, loss_mlm, loss_cos, grad_logits, grad_hidden = output
-    ctx.mark_non_differentiable(loss_ce, loss_mlm, loss_cos, grad_logits, grad_hidden)
+    loss, loss_ce, loss_mlm, loss_cos, grad_logits, grad_hidden, logits_grad_scale = output
+    ctx.mark_non_differentiable(loss_ce, loss_mlm, loss_cos, grad_logits, grad_hidden, logits_grad_scale)
     # Otherwise autograd hands backward a zero [N, V] "gradient" for the grad_logits output.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(grad_logits, grad_hidden)
+    ctx.hidden_dtype = inputs[3].dtype
+    ctx.save_for_backward(grad_logits, grad_hidden, logits_grad_scale)
 
 
-def _backward(ctx, grad_loss, _g_ce, _g_mlm, _g_cos, _g_grad_logits, _g_grad_hidden):
+def scale_gradient_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """grad *= scale in place, in fp32 with one rounding (torch.ops.fastdistil._scale_gradient_)."""
+    if extension.AVAILABLE:
+        torch.ops.fastdistil._scale_gradient_(grad, scale)
+    else:  # the Triton path without the C++ extension
+        grad.mul_(scale)
+
+
+def _backward(ctx, grad_loss, *_grads_of_outputs_without_gradient):
     if grad_loss is None:
         return (None,) * 11
-    grad_logits, grad_hidden = ctx.saved_tensors
+    grad_logits, grad_hidden, logits_grad_scale = ctx.saved_tensors
     # In place: a second [N, V] buffer would double the op's memory. The bumped version counter turns a second
     # backward through the same graph into autograd's usual error instead of a doubly scaled gradient.
-    if extension.AVAILABLE:
-        torch.ops.fastdistil._scale_gradient_(grad_logits, grad_loss)
-        torch.ops.fastdistil._scale_gradient_(grad_hidden, grad_loss)
-    else:  # the Triton path without the C++ extension
-        grad_logits.mul_(grad_loss)
-        grad_hidden.mul_(grad_loss)
-    return grad_logits, None, None, grad_hidden, None, None, None, None, None, None, None
+    scale_gradient_(grad_logits, grad_loss / logits_grad_scale)
+    scale_gradient_(grad_hidden, grad_loss)
+    return grad_logits, None, None, grad_hidden.to(ctx.hidden_dtype), None, None, None, None, None, None, None
 
 
 if extension.AVAILABLE:

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdistil.kernels.gradient_scale import hidden_grad_dtype, logits_grad_scale
+
 _LOG2E = tl.constexpr(1.4426950408889634)
 _COS_EPS = tl.constexpr(1e-12)  # EPSILON of at::cosine_embedding_loss, added to both squared norms
 _MAX_BLOCK = 4096
@@ -51,7 +53,8 @@ def _triple_loss_logits_kernel(
     labels_ptr,  # [N] int64 MLM targets, -100 = not a target
     selected_ptr,  # [N] uint8, 1 = the row is in the KL term
     counts_ptr,  # [3] int64: n_selected, n_labelled, n_real
-    grad_ptr,  # [N, V] out: d loss / d student logits, student dtype
+    grad_scale_ptr,  # [] ACC: P of kernels/gradient_scale.py, what the stored gradient is multiplied by
+    grad_ptr,  # [N, V] out: P * d loss / d student logits, student dtype
     kl_rows_ptr,  # [N] ACC out: KL(softmax(t/T) || softmax(s/T)) of the row, not yet scaled by T^2
     ce_rows_ptr,  # [N] ACC out: -log softmax(s)[label]
     V,
@@ -115,8 +118,9 @@ def _triple_loss_logits_kernel(
     # than after the sum: the summed terms are then as small as the gap between the distributions, which
     # keeps several times more digits of a small KL (below ~1e-6 a row, fp32 loses it anyway, as torch does).
     log_ratio = tl.log(z_t) - tl.log(z_s)
-    kl_coef = tl.full([], kl_weight, ACC) / tl.maximum(tl.load(counts_ptr).to(ACC), 1.0)
-    ce_coef = tl.full([], ce_weight, ACC) / tl.maximum(tl.load(counts_ptr + 1).to(ACC), 1.0)
+    grad_scale = tl.load(grad_scale_ptr).to(ACC)
+    kl_coef = tl.full([], kl_weight, ACC) / tl.maximum(tl.load(counts_ptr).to(ACC), 1.0) * grad_scale
+    ce_coef = tl.full([], ce_weight, ACC) / tl.maximum(tl.load(counts_ptr + 1).to(ACC), 1.0) * grad_scale
     ce_coef = tl.where(labelled, ce_coef, 0.0)
 
     # Sweep 2: the gradient, with the one-hot term applied before the single rounding to the
@@ -148,7 +152,7 @@ def _triple_loss_cosine_kernel(
     ht_ptr,  # [N, D] teacher hidden states, row-major
     real_ptr,  # [N] uint8, 1 = not padding
     counts_ptr,  # [3] int64: n_selected, n_labelled, n_real
-    grad_ptr,  # [N, D] out: d loss / d student hidden, student dtype
+    grad_ptr,  # [N, D] out: d loss / d student hidden, student dtype (fp32 for fp16)
     cos_rows_ptr,  # [N] ACC out: 1 - cos(h_s, h_t)
     D,
     cos_weight: tl.float64,  # alpha_cos
@@ -214,6 +218,31 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _flatten_logits(student_logits, teacher_logits, labels):
+    vocab = student_logits.size(-1)
+    n_rows = labels.numel()
+    return (student_logits.reshape(n_rows, vocab).contiguous(), teacher_logits.reshape(n_rows, vocab).contiguous(),
+            labels.reshape(n_rows).contiguous())
+
+
+def _launch_logits(s, t, labels, selected, counts, grad_scale, temperature, alpha_ce, alpha_mlm, traceable):
+    """The logits kernel on [N, V] rows: (kl_rows, ce_rows, grad), normalized by the counts given (global ones
+    for a chunk of the fused linear loss) and the gradient times grad_scale."""
+    n_rows, vocab = s.shape
+    float64 = s.dtype == torch.float64
+    partials = torch.empty((2, n_rows), dtype=torch.float64 if float64 else torch.float32, device=s.device)
+    grad = torch.empty_like(s)
+    block_v = min(triton.next_power_of_2(vocab), _MAX_BLOCK)
+    with _device_guard(s.device):
+        _launcher(_triple_loss_logits_kernel, traceable)[(n_rows,)](
+            s, t, labels, selected, counts, grad_scale, grad, partials[0], partials[1],
+            vocab, 1.0 / temperature, alpha_ce * temperature, alpha_mlm, ACC=tl.float64 if float64 else tl.float32,
+            TEMP_POW=int(temperature) if temperature in (1.0, 2.0) else 0,
+            BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        )
+    return partials[0], partials[1], grad
+
+
 def triple_loss_forward(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -230,9 +259,10 @@ def triple_loss_forward(
 ):
     """fastdistil::_triple_loss_forward on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
 
-    Returns (loss, loss_ce, loss_mlm, loss_cos, grad_student_logits, grad_student_hidden): four fp32 0-dim
-    tensors (float64 for float64 inputs), then the gradients of loss in the shapes and dtypes of the student
-    tensors.
+    Returns (loss, loss_ce, loss_mlm, loss_cos, grad_student_logits, grad_student_hidden, logits_grad_scale):
+    four fp32 0-dim tensors (float64 for float64 inputs), the gradients of loss in the shapes of the student
+    tensors (the logits one in their dtype times logits_grad_scale, the hidden one in hidden_grad_dtype), and
+    that 0-dim scale.
     """
     from fastdistil.triple_loss import check_inputs, triton_unsupported  # fastdistil imports this module
 
@@ -242,47 +272,36 @@ def triple_loss_forward(
     if unsupported:
         raise ValueError(f"triple_loss: the Triton kernel cannot run {student_logits.dtype} student_logits on "
                          f"{student_logits.device}: {unsupported}")
-    vocab = student_logits.size(-1)
-    dim = student_hidden.size(-1)
-    n_rows = labels.numel()
-    s = student_logits.reshape(n_rows, vocab).contiguous()
-    t = teacher_logits.reshape(n_rows, vocab).contiguous()
+    s, t, flat_labels = _flatten_logits(student_logits, teacher_logits, labels)
+    n_rows, dim = flat_labels.numel(), student_hidden.size(-1)
     hs = student_hidden.reshape(n_rows, dim).contiguous()
     ht = teacher_hidden.reshape(n_rows, dim).contiguous()
-    flat_labels = labels.reshape(n_rows).contiguous()
 
     real = attention_mask.reshape(n_rows) != 0
     labelled = flat_labels != -100
     selected = labelled if restrict_ce_to_mask else real
     row_flags = torch.stack([selected, labelled, real]).view(torch.uint8)
     counts = row_flags.sum(dim=1)  # int64 [3], stays on the device
-    float64 = s.dtype == torch.float64
-    loss_dtype = torch.float64 if float64 else torch.float32
-    acc = tl.float64 if float64 else tl.float32
-    partials = torch.empty((3, n_rows), dtype=loss_dtype, device=s.device)  # kl, ce, cos per row
-    grad_logits = torch.empty_like(s)
-    grad_hidden = torch.empty_like(hs)
-
-    block_v = min(triton.next_power_of_2(vocab), _MAX_BLOCK)
+    grad_scale = logits_grad_scale(counts, temperature, alpha_ce, alpha_mlm, s.dtype)
+    kl_rows, ce_rows, grad_logits = _launch_logits(s, t, flat_labels, row_flags[0], counts, grad_scale, temperature,
+                                                   alpha_ce, alpha_mlm, traceable)
+    cos_rows = torch.empty_like(kl_rows)
+    grad_hidden = torch.empty_like(hs, dtype=hidden_grad_dtype(hs.dtype))
     block_d = min(triton.next_power_of_2(dim), _MAX_BLOCK)
     with _device_guard(s.device):
-        _launcher(_triple_loss_logits_kernel, traceable)[(n_rows,)](
-            s, t, flat_labels, row_flags[0], counts, grad_logits, partials[0], partials[1],
-            vocab, 1.0 / temperature, alpha_ce * temperature, alpha_mlm, ACC=acc,
-            TEMP_POW=int(temperature) if temperature in (1.0, 2.0) else 0,
-            BLOCK_V=block_v, num_warps=_num_warps(block_v),
-        )
         _launcher(_triple_loss_cosine_kernel, traceable)[(n_rows,)](
-            hs, ht, row_flags[2], counts, grad_hidden, partials[2], dim, alpha_cos, ACC=acc,
-            BLOCK_D=block_d, num_warps=_num_warps(block_d),
+            hs, ht, row_flags[2], counts, grad_hidden, cos_rows, dim, alpha_cos,
+            ACC=tl.float64 if s.dtype == torch.float64 else tl.float32, BLOCK_D=block_d,
+            num_warps=_num_warps(block_d),
         )
 
     # A term with no rows has a zero sum, so clamping its count to 1 gives 0 rather than NaN.
-    terms = partials.sum(dim=1, dtype=torch.float64) / counts.clamp_min(1)
+    terms = torch.stack([kl_rows, ce_rows, cos_rows]).sum(dim=1, dtype=torch.float64) / counts.clamp_min(1)
     loss_ce = terms[0] * (temperature * temperature)
     loss_mlm = terms[1]
     loss_cos = terms[2]
     loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos
+    loss_dtype = kl_rows.dtype
     return (
         loss.to(loss_dtype),
         loss_ce.to(loss_dtype),
@@ -290,7 +309,22 @@ def triple_loss_forward(
         loss_cos.to(loss_dtype),
         grad_logits.view(student_logits.shape),
         grad_hidden.view(student_hidden.shape),
+        grad_scale,
     )
+
+
+def logits_loss_chunk(student_logits, teacher_logits, labels, selected, counts, temperature: float,
+                      alpha_ce: float, alpha_mlm: float, grad_scale: torch.Tensor):
+    """The KL and MLM terms of a chunk of rows, normalized by counts of all the rows (the fused linear loss's
+    chunks): (loss_ce, loss_mlm) as the chunk's shares of the global terms, and the chunk's logits gradient
+    times grad_scale. selected: [N] bool, the chunk's rows in the KL term; counts: int64 [>= 2] global
+    (selected, labelled) counts on the device. Nothing waits for the host."""
+    s, t, flat_labels = _flatten_logits(student_logits, teacher_logits, labels)
+    kl_rows, ce_rows, grad = _launch_logits(s, t, flat_labels, selected.reshape(-1).contiguous().view(torch.uint8),
+                                            counts, grad_scale, temperature, alpha_ce, alpha_mlm, traceable=False)
+    n = counts[:2].clamp_min(1)
+    return (kl_rows.sum(dtype=torch.float64) * (temperature * temperature) / n[0]).to(kl_rows.dtype), \
+        (ce_rows.sum(dtype=torch.float64) / n[1]).to(kl_rows.dtype), grad
 
 
 @triton.jit

@@ -15,6 +15,10 @@ FP32_GRAD_RTOL = 1e-5
 LOW_PRECISION_FACTOR = 2.0
 LOW_PRECISION_FLOOR = 2e-6
 
+# torch.amp.GradScaler's initial scale: the grad_output of loss.backward() in fp16 training.
+LOSS_SCALE = 2.0**16
+FP16_SUBNORMAL = 2.0**-24  # fp16's smallest subnormal, the spacing of its values below 2^-14
+
 TERMS = ("loss", "loss_ce", "loss_mlm", "loss_cos")
 GRADS = ("grad_student_logits", "grad_student_hidden")
 
@@ -134,3 +138,44 @@ def check_against_reference(fn, inputs, grad_output=1.7, **kwargs):
             pytorch = sum(loss_and_grads(fastdistil.triple_loss_reference, inputs, grad_output, **kwargs), ())
         assert_within_pytorch_error(a, pytorch[i], e, name, floor)
     return terms, grads
+
+
+def fp16_storage_floor(labels, attention_mask, temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0,
+                       restrict_ce_to_mask=False, **_):
+    """The subnormal spacing of an fp16 logits gradient stored times P (kernels/gradient_scale.py, here from its
+    closed form) and scaled by LOSS_SCALE in backward: FP16_SUBNORMAL, or LOSS_SCALE / P times it when P is the
+    smaller (few rows: the largest possible entry then exceeds fp16's range at this loss scale)."""
+    labelled = labels != -100
+    n_sel = int((labelled if restrict_ce_to_mask else attention_mask.bool()).sum())
+    n_lab = int(labelled.sum())
+    bound = (alpha_ce * temperature / n_sel if n_sel else 0.0) + (alpha_mlm / n_lab if n_lab else 0.0)
+    scale = 2.0 ** math.floor(math.log2(2.0**15 / bound))
+    return FP16_SUBNORMAL * max(1.0, LOSS_SCALE / scale)
+
+
+def check_fp16_under_loss_scale(fn, inputs, **kwargs):
+    """fp16 gradients backpropagated from LOSS_SCALE * loss, as a GradScaler does, element by element against
+    the float64 reference: each entry within two fp16 roundings of the exact value (the op rounds once in the
+    forward and once more applying the scale), plus twice the fp32 arithmetic error there of the unfused
+    reference and of fn itself (fn on the same values in fp32: q - p cancels in the KL gradient's small
+    entries), down to the spacing of fp16's subnormals (fp16_storage_floor). The inputs must hold entries that
+    fp16 represents after the scale but not before, which a gradient rounded before the scale returns as 0: an
+    error of 100 %."""
+    unit_roundoff = torch.finfo(torch.float16).eps / 2
+    _, grads = loss_and_grads(fn, inputs, LOSS_SCALE, **kwargs)
+    _, grads32 = loss_and_grads(fn, upcast(inputs, torch.float32), LOSS_SCALE, **kwargs)
+    _, grads_pt = loss_and_grads(fastdistil.triple_loss_reference, inputs, LOSS_SCALE, **kwargs)
+    _, grads64 = reference64(inputs, LOSS_SCALE, **kwargs)
+    floors = (fp16_storage_floor(inputs[2], inputs[5], **kwargs), FP16_SUBNORMAL)  # the hidden one is fp32
+    for name, grad, fp32, pytorch, exact, floor in zip(GRADS, grads, grads32, grads_pt, grads64, floors):
+        assert grad.dtype == torch.float16, f"{name}: {grad.dtype}"
+        represented = exact.abs() >= 2**-14  # normal fp16 values
+        assert not ((pytorch == 0) & represented).any(), f"{name}: the reference itself lost entries"
+        arithmetic = torch.maximum((pytorch.double() - exact).abs(), (fp32.double() - exact).abs())
+        bound = 2 * unit_roundoff * exact.abs() + 2 * arithmetic + floor
+        worst = ((grad.double() - exact).abs() / bound).max().item()
+        lost = ((grad == 0) & represented).sum().item()
+        assert worst <= 1.0, (f"{name}: error reaches {worst:.2f}x the bound under a loss scale of "
+                              f"{LOSS_SCALE:g}; {lost} entries that fp16 holds after the scale came back 0")
+    underflow_unscaled = (grads64[0].abs() / LOSS_SCALE < FP16_SUBNORMAL / 2) & (grads64[0].abs() >= 2**-14)
+    assert underflow_unscaled.any(), "no logits-gradient entry that rounding before the scale would lose"

@@ -1,5 +1,6 @@
 """fastdistil.fused_linear_triple_loss against projecting in float64 and calling the reference loss."""
 
+import functools
 import sys
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 import fastdistil
 from fastdistil import fused_linear_triple_loss
-from helpers import FP32_GRAD_RTOL, FP32_LOSS_RTOL, TERMS, assert_close, assert_within_pytorch_error
+from helpers import (FP32_GRAD_RTOL, FP32_LOSS_RTOL, LOSS_SCALE, TERMS, assert_close,
+                     assert_within_pytorch_error)
 
 OPS = torch.ops.fastdistil
 V, D, H = 301, 16, 8  # V odd: no chunk or vector width divides it
@@ -15,7 +17,7 @@ GRAD_OUTPUT = 1.7
 DIFFERENTIABLE = ("student_input", "student_weight", "student_bias", "student_hidden")
 
 
-def make_inputs(lead=(3, 23), dtype=torch.float32, bias=True, pad_from=17, seed=0):
+def make_inputs(lead=(3, 23), dtype=torch.float32, bias=True, pad_from=17, seed=0, vocab=V):
     """Inputs as a model produces them: [B, L, D] projection inputs, [V, D] weights, the last 6 positions of
     every sequence padding (one of them labelled, which MLM still counts), ~30 % of real positions labelled."""
     gen = torch.Generator().manual_seed(seed)
@@ -24,14 +26,14 @@ def make_inputs(lead=(3, 23), dtype=torch.float32, bias=True, pad_from=17, seed=
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
     attention_mask = (torch.arange(lead[-1]) < pad_from).expand(*lead).to(torch.int64)
-    labels = torch.where(torch.rand(*lead, generator=gen) < 0.3, torch.randint(0, V, lead, generator=gen), -100)
+    labels = torch.where(torch.rand(*lead, generator=gen) < 0.3, torch.randint(0, vocab, lead, generator=gen), -100)
     labels = torch.where(attention_mask.bool(), labels, -100)
     labels[..., -1] = 7
     return dict(
-        student_input=randn(*lead, D).requires_grad_(), student_weight=randn(V, D, scale=0.5).requires_grad_(),
-        student_bias=randn(V, scale=0.1).requires_grad_() if bias else None,
-        teacher_input=randn(*lead, D), teacher_weight=randn(V, D, scale=0.5),
-        teacher_bias=randn(V, scale=0.1) if bias else None,
+        student_input=randn(*lead, D).requires_grad_(), student_weight=randn(vocab, D, scale=0.5).requires_grad_(),
+        student_bias=randn(vocab, scale=0.1).requires_grad_() if bias else None,
+        teacher_input=randn(*lead, D), teacher_weight=randn(vocab, D, scale=0.5),
+        teacher_bias=randn(vocab, scale=0.1) if bias else None,
         labels=labels, student_hidden=randn(*lead, H).requires_grad_(), teacher_hidden=randn(*lead, H),
         attention_mask=attention_mask)
 
@@ -41,21 +43,23 @@ def cast(inputs, dtype):
                 else v) for k, v in inputs.items()}
 
 
-def project_then_loss(inputs, **kwargs):
-    """The materialized path: both models' logits, then the loss (the reference in float64, else the op)."""
+def project_then_loss(inputs, loss=None, **kwargs):
+    """The materialized path: both models' logits, then the loss (by default the reference in float64, else
+    the op)."""
     x = inputs
     s_logits = x["student_input"] @ x["student_weight"].t()
     t_logits = x["teacher_input"] @ x["teacher_weight"].t()
     if x["student_bias"] is not None:
         s_logits, t_logits = s_logits + x["student_bias"], t_logits + x["teacher_bias"]
-    loss = fastdistil.triple_loss_reference if s_logits.dtype == torch.float64 else fastdistil.triple_loss
+    if loss is None:
+        loss = fastdistil.triple_loss_reference if s_logits.dtype == torch.float64 else fastdistil.triple_loss
     return loss(s_logits, t_logits, x["labels"], x["student_hidden"], x["teacher_hidden"], x["attention_mask"],
                 **kwargs)
 
 
-def terms_and_grads(fn, inputs, **kwargs):
+def terms_and_grads(fn, inputs, grad_output=GRAD_OUTPUT, **kwargs):
     out = fn(inputs, **kwargs)
-    (out.loss * GRAD_OUTPUT).backward()
+    (out.loss * grad_output).backward()
     grads = tuple(inputs[k].grad for k in DIFFERENTIABLE if inputs[k] is not None)
     return tuple(t.detach() for t in out), grads
 
@@ -94,15 +98,8 @@ def triton_chunks(monkeypatch):
     """The chunk loop feeding the Triton loss kernel, as it runs on CUDA; without a GPU, on CPU tensors under
     Triton's interpreter (conftest.py asks for it before anything imports Triton)."""
     pytest.importorskip("triton")
-    from fastdistil.kernels.triple_loss import triple_loss_forward
-
-    def triton_chunk_loss(args, grad_buffer):
-        assert grad_buffer is None  # the device kernel allocates its own gradient
-        out = triple_loss_forward(*args)
-        return out[1], out[2], out[4]
-
-    monkeypatch.setattr(sys.modules["fastdistil.fused_linear_triple_loss"], "chunk_loss_for",
-                        lambda device: triton_chunk_loss)
+    module = sys.modules["fastdistil.fused_linear_triple_loss"]
+    monkeypatch.setattr(module, "chunk_loss_for", lambda device: module._triton_chunk_loss)
 
 
 @pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
@@ -124,6 +121,29 @@ def test_the_chunk_loop_with_the_triton_loss_kernel_in_fp16(triton_chunks):
     pytorch = terms_and_grads(project_then_loss, cast(inputs, torch.float16))
     for name, a, p, e in zip(TERMS + DIFFERENTIABLE, terms + grads, pytorch[0] + pytorch[1], truth[0] + truth[1]):
         assert_within_pytorch_error(a.float(), p.float(), e, name, floor=1e-3)
+
+
+@pytest.mark.parametrize("chunks", ["cpp", "triton"])
+def test_fp16_gradients_under_a_grad_scaler(request, chunks):
+    """Backpropagated at the GradScaler's 65,536 as fp16 training does, at BERT's vocabulary, the gradients
+    match projecting in fp16 and running the unfused reference by the 2x rule, and so do the rows of the weight
+    gradient, one per vocabulary entry, in the worst case and the median: most are sums of the KL gradient's
+    tail, which a chunk gradient rounded before the scale loses (its median error was then 5x PyTorch's)."""
+    if chunks == "triton":
+        request.getfixturevalue("triton_chunks")
+    inputs = make_inputs(lead=(8, 40), pad_from=34, vocab=30522)  # enough rows that the scaled gradient fits fp16
+    _, grads = terms_and_grads(fused, cast(inputs, torch.float16), LOSS_SCALE, chunk_size=64)
+    _, pytorch = terms_and_grads(functools.partial(project_then_loss, loss=fastdistil.triple_loss_reference),
+                                 cast(inputs, torch.float16), LOSS_SCALE)
+    _, truth = terms_and_grads(project_then_loss, cast(inputs, torch.float64), LOSS_SCALE)
+    for name, a, p, e in zip(DIFFERENTIABLE, grads, pytorch, truth):
+        assert a.dtype == torch.float16, f"{name}: {a.dtype}"
+        assert_within_pytorch_error(a, p, e, name, floor=0.0)
+    row_errors = [(x.double() - truth[1]).norm(dim=1) / truth[1].norm(dim=1) for x in (grads[1], pytorch[1])]
+    for statistic in (torch.max, torch.median):
+        ours, theirs = (statistic(errors).item() for errors in row_errors)
+        assert ours <= 2 * theirs, (f"student_weight: {statistic.__name__} relative error of a row {ours:.2e}, "
+                                    f"PyTorch's {theirs:.2e}")
 
 
 def test_a_projector_tied_to_the_embeddings_accumulates_both_gradients():

@@ -21,7 +21,7 @@ import fastdistil  # noqa: E402
 from fastdistil import extension  # noqa: E402
 from fastdistil.kernels import triple_loss as kernel_module  # noqa: E402
 from fastdistil.kernels.triple_loss import register_cuda_kernel, triple_loss_forward  # noqa: E402
-from helpers import TERMS, check_against_reference, make_inputs  # noqa: E402
+from helpers import TERMS, check_against_reference, check_fp16_under_loss_scale, make_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = not isinstance(kernel_module._triple_loss_logits_kernel, triton.runtime.JITFunction)
@@ -107,6 +107,16 @@ def test_extreme_logits(dtype, restrict):
 
 
 @pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
+def test_fp16_gradients_under_a_grad_scaler(restrict):
+    """Backpropagated at the GradScaler's 65,536, the fp16 gradient keeps the tail entries fp16 holds only
+    after the scale (see kernels/gradient_scale.py)."""
+    # Enough labelled rows that no entry of the scaled gradient overflows fp16 (the GradScaler's condition).
+    inputs = inputs_on_device(lead=(96,), vocab=1001, dim=48, dtype=torch.float16, seed=3, logit_std=4.0,
+                              label_frac=0.5)
+    check_fp16_under_loss_scale(triton_loss, inputs, restrict_ce_to_mask=restrict)
+
+
+@pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
 @pytest.mark.parametrize("case", ["all-padding", "no-labels"])
 def test_empty_selections_give_zero(case, restrict):
     """A term without rows is 0 with a zero gradient, never NaN; a batch of padding is 0 altogether."""
@@ -166,7 +176,7 @@ def test_agrees_with_cpp_kernel(restrict):
     """Both kernels implement fastdistil::_triple_loss_forward; at T = 1.5 neither takes the es^T shortcut."""
     inputs = [x.detach() for x in make_inputs(lead=(3, 7), vocab=257, labels_on_padding=True)]
     scalars = (1.5, 5.0, 2.0, 1.0, restrict)
-    for name, a, b in zip(TERMS + ("grad_logits", "grad_hidden"),
+    for name, a, b in zip(TERMS + ("grad_logits", "grad_hidden", "logits_grad_scale"),
                           triple_loss_forward(*[x.to(DEVICE) for x in inputs], *scalars),
                           torch.ops.fastdistil._triple_loss_forward(*inputs, *scalars)):
         assert a.shape == b.shape and a.dtype == b.dtype, name
@@ -186,7 +196,7 @@ def test_register_cuda_kernel_is_idempotent():
 def test_full_size_on_cuda(dtype, restrict):
     """DistilBERT's shape: 2048 tokens (16 x 128), V = 30522, D = 768; deterministic, and the same through the
     dispatcher (torch.ops.fastdistil.triple_loss) as through the launcher."""
-    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
         pytest.skip("no bf16 on this GPU")
     inputs = inputs_on_device(lead=(16, 128), vocab=30522, dim=768, dtype=dtype)
     check(inputs, restrict_ce_to_mask=restrict)
