@@ -1,5 +1,19 @@
 """fastdistil: fused kernels for DistilBERT-style knowledge distillation."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
+# The Triton kernels live in the checkout's top-level kernels/ and only an install (pyproject's package-dir
+# mapping) makes them fastdistil.kernels. Importing a bare checkout (PYTHONPATH pointing at it) would fail below,
+# so there the checkout's kernels/ is registered under that name; installs, regular or editable, find it already.
+if importlib.util.find_spec(f"{__name__}.kernels") is None:
+    _kernels = Path(__file__).resolve().parent.parent / "kernels"
+    _spec = importlib.util.spec_from_file_location(f"{__name__}.kernels", _kernels / "__init__.py",
+                                                   submodule_search_locations=[str(_kernels)])
+    kernels = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(kernels)
+
 from fastdistil import extension
 from fastdistil.attention import attention, register_with_transformers
 from fastdistil.extension import release_gradient_cache

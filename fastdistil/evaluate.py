@@ -5,9 +5,9 @@ student's shape on a downstream task, and score all three.
     python -m fastdistil.evaluate --model DIR [--task ...]                            -> DIR/eval_<task>.json
 
 Each model gets a sequence-classification head and the same fine-tuning: hyperparameters, seed, batch order.
-wiki-topic (the bundled sample's 12 topics, a fixed held-out split) works offline; GLUE and IMDb come through
-`datasets` and need a network or its cache. Read top to bottom: the config, the data, the models, fine-tuning,
-prediction, the report.
+wiki-topic (the bundled sample's 12 topics, a fixed held-out split) works offline and without `datasets`; GLUE
+and IMDb come through `datasets` and need a network or its cache. Read top to bottom: the config, the data, the
+models, fine-tuning, prediction, the report.
 """
 
 import argparse
@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 import transformers
@@ -104,32 +103,38 @@ def _is_heldout(title: str) -> bool:
     return int(hashlib.sha256(title.encode()).hexdigest(), 16) % HELDOUT_BUCKETS == 0
 
 
-def load_splits(task: metrics.Task) -> datasets.DatasetDict:
-    """The task's train and eval splits, as they come (wiki-topic: the bundled corpus, split by title)."""
+def load_splits(task: metrics.Task) -> tuple[dict[str, data.Table], list[str] | None]:
+    """The task's splits as they come (wiki-topic: the bundled corpus, split by title), and the label names the
+    dataset declares (a ClassLabel label column), if it does."""
     if task.dataset == data.DEFAULT_DATASET:
-        corpus = datasets.load_dataset("json", data_files=str(data.BUNDLED_CORPUS), split="train")
-        heldout = np.array([_is_heldout(title) for title in corpus["title"][:]])
-        return datasets.DatasetDict(train=corpus.select(np.flatnonzero(~heldout)),
-                                    test=corpus.select(np.flatnonzero(heldout)))
+        corpus = data.Table.from_rows(data.read_rows([data.BUNDLED_CORPUS]))
+        heldout = [_is_heldout(title) for title in corpus["title"]]
+        return {"train": corpus[[i for i, h in enumerate(heldout) if not h]],
+                "test": corpus[[i for i, h in enumerate(heldout) if h]]}, None
+    datasets = data.require_datasets(f"--task {task.name}: loading {task.dataset} from the Hugging Face hub")
     try:
-        return datasets.load_dataset(task.dataset, task.config)
+        splits = datasets.load_dataset(task.dataset, task.config)
     except (OSError, ValueError) as exc:  # offline, not in the cache, or no such dataset
         raise ValueError(f"--task {task.name}: cannot load the dataset {task.dataset} "
                          f"({' '.join(str(exc).split())}); it needs a network or the datasets cache") from exc
+    feature = splits[task.train_split].features.get(task.label_column) if task.train_split in splits else None
+    label_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    return {name: data.Table(split.to_dict()) for name, split in splits.items()}, label_names
 
 
-def _subset(split: datasets.Dataset, n: int | None) -> datasets.Dataset:
-    # Corpora come sorted (wiki-topic by topic, IMDb by label): the first n would be one class.
+def _subset(split: data.Table, n: int | None) -> data.Table:
+    # Corpora come sorted (wiki-topic by topic, IMDb by label): the first n would be one class. The permutation
+    # is datasets' shuffle(seed=SUBSET_SEED), which earlier versions used: the same subsets, the same scores.
     if n is None or n >= len(split):
         return split
-    return split.shuffle(seed=SUBSET_SEED).select(range(n))
+    return split[np.random.default_rng(SUBSET_SEED).permutation(len(split))[:n].tolist()]
 
 
-def task_data(task: metrics.Task, cfg: EvalConfig) -> tuple[datasets.Dataset, dict[str, datasets.Dataset],
-                                                            list[str] | None, int]:
-    """(train, {eval split: dataset}, label names or None, number of labels): each dataset with the text
-    columns and an integer (for regression, float) `label`."""
-    splits = load_splits(task)
+def task_data(task: metrics.Task, cfg: EvalConfig) -> tuple[data.Table, dict[str, data.Table], list[str] | None,
+                                                            int]:
+    """(train, {eval split: table}, label names or None, number of labels): each table with the text columns
+    and an integer (for regression, float) `label`."""
+    splits, label_names = load_splits(task)
     names = [task.train_split, *task.eval_splits]
     for name in names:
         if name not in splits:
@@ -139,22 +144,20 @@ def task_data(task: metrics.Task, cfg: EvalConfig) -> tuple[datasets.Dataset, di
             if column not in present:
                 raise ValueError(f"--task {task.name}: split {name!r} has no column {column!r} "
                                  f"(columns: {present})")
-    feature = splits[task.train_split].features[task.label_column]
-    label_names, to_label = None, float if task.is_regression else int
-    if isinstance(feature, datasets.ClassLabel):
-        label_names = list(feature.names)
-    elif getattr(feature, "dtype", None) == "string":  # wiki-topic's topics: ids in sorted order
-        label_names = sorted({v for name in names for v in splits[name].unique(task.label_column)})
+    to_label = float if task.is_regression else int
+    if label_names is None and all(isinstance(v, str) for v in splits[task.train_split][task.label_column]):
+        # wiki-topic's topics: ids in sorted order
+        label_names = sorted({v for name in names for v in splits[name][task.label_column]})
         to_label = {name: i for i, name in enumerate(label_names)}.__getitem__
     num_labels = task.num_labels or len(label_names)
 
-    def prepared(split: datasets.Dataset, n: int | None) -> datasets.Dataset:
+    def prepared(split: data.Table, n: int | None) -> data.Table:
         split = _subset(split, n)
-        labels = [to_label(v) for v in split[task.label_column][:]]
+        labels = [to_label(v) for v in split[task.label_column]]
         if not task.is_regression and labels and not 0 <= min(labels) <= max(labels) < num_labels:
             raise ValueError(f"--task {task.name}: labels must be in [0, {num_labels}), got {min(labels)} to "
                              f"{max(labels)} in column {task.label_column!r}")
-        return datasets.Dataset.from_dict({**{c: split[c][:] for c in task.text_columns}, "label": labels})
+        return data.Table({**{c: split[c] for c in task.text_columns}, "label": labels})
 
     train_set = prepared(splits[task.train_split], cfg.max_train_examples)
     eval_sets = {name: prepared(splits[name], cfg.max_eval_examples) for name in task.eval_splits}
@@ -176,10 +179,10 @@ class Encoded:
         return {k: v.to(device) for k, v in inputs.items()}
 
 
-def encode(split: datasets.Dataset, task: metrics.Task, tokenizer, max_seq_len: int) -> Encoded:
-    texts = [split[c][:] for c in task.text_columns]
+def encode(split: data.Table, task: metrics.Task, tokenizer, max_seq_len: int) -> Encoded:
+    texts = [split[c] for c in task.text_columns]
     encoded = tokenizer(*texts, truncation=True, max_length=max_seq_len)
-    labels = torch.tensor(split["label"][:], dtype=torch.float32 if task.is_regression else torch.long)
+    labels = torch.tensor(split["label"], dtype=torch.float32 if task.is_regression else torch.long)
     return Encoded(encoded["input_ids"], encoded.get("token_type_ids"), labels)
 
 
@@ -269,7 +272,7 @@ def _amp(device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler
     """fp32 on CPU; on CUDA autocast to bf16 where the GPU has it, else fp16 with loss scaling."""
     if device.type != "cuda":
         return None, torch.amp.GradScaler("cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
@@ -389,7 +392,7 @@ def format_table(report: dict) -> str:
 def cli(argv=None) -> int:
     try:
         report = main(parse_args(argv))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line
         return 2
     print(format_table(report))

@@ -52,7 +52,8 @@ class TrainConfig:
     text_column: str = _flag("text", "the text field of .jsonl files and datasets")
     streaming: bool = _flag(False, "read a Hugging Face dataset as a stream; needs --max-documents")
     max_documents: int | None = _flag(None, "use the first documents of the corpus only")
-    num_proc: int = _flag(1, "tokenizer processes (datasets.map)")
+    num_proc: int = _flag(1, "tokenizer processes (batches of documents in parallel; fast tokenizers already use "
+                             "several cores)")
     output_dir: str = _flag("runs/distil", "where the run's files go")
     overwrite: bool = _flag(False, "replace what an earlier run left in --output-dir")
     max_steps: int | None = _flag(None, f"optimizer steps (default: --epochs if given, else {DEFAULT_MAX_STEPS})")
@@ -548,7 +549,7 @@ def cli(argv=None) -> int:
     try:
         cfg = parse_args(argv)
         summary = main(cfg)
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:  # ImportError: a hub dataset without the datasets package
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line
         return 2
     print(json.dumps(summary, indent=2))

@@ -3,10 +3,12 @@
 import json
 import re
 import shutil
+import subprocess
+import sys
 
-import datasets
 import numpy as np
 import pytest
+import torch
 
 from fastdistil import evaluate, metrics, train
 from training_runs import args
@@ -73,18 +75,38 @@ def test_one_checkpoint_with_model(run_dir, tmp_path):
 
 def test_the_wiki_topic_split_is_fixed_and_covers_every_topic():
     task = metrics.get_task("wiki-topic")
-    splits = evaluate.load_splits(task)
-    train_titles, test_titles = set(splits["train"]["title"][:]), set(splits["test"]["title"][:])
+    splits, label_names = evaluate.load_splits(task)
+    assert label_names is None  # the topics are strings: task_data numbers them
+    train_titles, test_titles = set(splits["train"]["title"]), set(splits["test"]["title"])
     assert not train_titles & test_titles
     assert len(train_titles) + len(test_titles) == 10_033
     assert 0.18 < len(test_titles) / 10_033 < 0.22
-    assert set(splits["train"].unique("topic")) == set(splits["test"].unique("topic"))
-    assert len(splits["test"].unique("topic")) == 12
-    assert evaluate.load_splits(task)["test"]["title"][:] == splits["test"]["title"][:]
+    assert set(splits["train"]["topic"]) == set(splits["test"]["topic"])
+    assert len(set(splits["test"]["topic"])) == 12
+    assert evaluate.load_splits(task)[0]["test"]["title"] == splits["test"]["title"]
 
 
-def fake_glue(task: metrics.Task, n: int = 24, drop: str | None = None) -> datasets.DatasetDict:
+def test_the_wiki_topic_data_is_what_datasets_gave(tmp_path):
+    # Earlier versions read the corpus and drew the --max-*-examples subsets through datasets: the same rows,
+    # labels and subsets keep scores comparable.
+    datasets = pytest.importorskip("datasets")
+    task = metrics.get_task("wiki-topic")
+    cfg = evaluate.EvalConfig(run_dir="unused", max_train_examples=64, max_eval_examples=32)
+    train_set, eval_sets, label_names, num_labels = evaluate.task_data(task, cfg)
+    corpus = datasets.load_dataset("json", data_files=str(evaluate.data.BUNDLED_CORPUS), split="train",
+                                   cache_dir=str(tmp_path))
+    heldout = np.array([evaluate._is_heldout(title) for title in corpus["title"]])
+    expected = {"train": corpus.select(np.flatnonzero(~heldout)).shuffle(seed=evaluate.SUBSET_SEED).select(range(64)),
+                "test": corpus.select(np.flatnonzero(heldout)).shuffle(seed=evaluate.SUBSET_SEED).select(range(32))}
+    assert label_names == sorted(set(corpus["topic"])) and num_labels == 12
+    for got, want in ((train_set, expected["train"]), (eval_sets["test"], expected["test"])):
+        assert got["text"] == list(want["text"])
+        assert got["label"] == [label_names.index(topic) for topic in want["topic"]]
+
+
+def fake_glue(task: metrics.Task, n: int = 24, drop: str | None = None):
     """A tiny in-memory stand-in for a GLUE task's DatasetDict: its columns, splits and label type."""
+    datasets = pytest.importorskip("datasets")
     rng = np.random.default_rng(0)
     words = "the cat sat on a mat while dogs ran across green fields under grey skies".split()
     if task.is_regression:
@@ -108,6 +130,7 @@ def fake_glue(task: metrics.Task, n: int = 24, drop: str | None = None) -> datas
 
 @pytest.mark.parametrize("name", ["glue/mrpc", "glue/stsb", "glue/mnli"])
 def test_glue_tasks_through_datasets(run_dir, tmp_path, monkeypatch, name):
+    datasets = pytest.importorskip("datasets")
     task = metrics.get_task(name)
     calls = []
 
@@ -134,6 +157,7 @@ def test_glue_tasks_through_datasets(run_dir, tmp_path, monkeypatch, name):
 
 @pytest.mark.parametrize("drop", ["label", "sentence2"])
 def test_a_missing_column_is_named_with_those_present(run_dir, monkeypatch, drop):
+    datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: fake_glue(metrics.get_task("glue/rte"),
                                                                              drop=drop))
     with pytest.raises(ValueError, match=rf"glue/rte: split 'train' has no column '{drop}' \(columns: \[.*'idx'"):
@@ -167,3 +191,47 @@ def test_errors_are_one_line_and_exit_2(run_dir, tmp_path, capsys):
         assert err.count("\n") == 1 and err.startswith("error: "), err
         assert re.search(message, err), (argv, err)
     assert not list(run_dir.glob("eval_*.json.tmp"))
+
+
+@pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled, but CUDA is not available")
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_only_where_the_gpu_computes_in_it(monkeypatch, native):
+    # A V100 (sm70) has no bf16 arithmetic; torch.cuda.is_bf16_supported() counts emulation and says yes.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native or including_emulation)
+    dtype, _ = evaluate._amp(torch.device("cuda"))
+    assert dtype == (torch.bfloat16 if native else torch.float16)
+
+
+WITHOUT_DATASETS = """
+import json, runpy, sys
+sys.modules["datasets"] = None  # what `import datasets` sees where it is not installed
+argvs = json.loads(sys.argv[1])
+sys.argv = ["fastdistil.evaluate", "--help"]
+try:
+    runpy.run_module("fastdistil.evaluate", run_name="__main__", alter_sys=True)
+except SystemExit as exit:
+    help_status = exit.code
+from fastdistil import evaluate
+statuses = [evaluate.cli(argv) for argv in argvs]
+print(json.dumps([help_status, *statuses]))
+"""
+
+
+def test_evaluate_runs_wiki_topic_without_the_datasets_package(run_dir, tmp_path):
+    model = [f"--model={run_dir / 'student'}", *TINY]
+    argvs = [[*model, "--task", "glue/rte"], [*model, "--output", str(tmp_path / "no_datasets.json")]]
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_DATASETS, json.dumps(argvs)], capture_output=True,
+                          text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert json.loads(lines[-1]) == [0, 2, 0]
+    assert "usage: python -m fastdistil.evaluate" in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [("error: --task glue/rte: loading nyu-mll/glue from the Hugging Face hub needs the "
+                       "`datasets` package (pip install datasets)")]
+    # The same checkpoint, hyperparameters and seed as in this process: the same score.
+    here = evaluate_(*model, "--output", tmp_path / "here.json")
+    there = json.loads((tmp_path / "no_datasets.json").read_text())
+    assert there["models"]["model"]["metrics"] == here["models"]["model"]["metrics"]
+    assert there["train_examples"] == here["train_examples"] and there["labels"] == here["labels"]
