@@ -7,11 +7,13 @@ hook into transformers' attention registry.
 A query row whose keys are all padding (a sequence that is all padding) gets output 0 and gradient 0, never NaN.
 
 fastdistil::attention decomposes (CompositeImplicitAutograd) into, per DESIGN.md's support matrix:
-- the fused Triton kernel (kernels/attention.py) on CUDA GPUs of compute capability 8.0 and newer, through the
-  private ops fastdistil::_attention_forward / _attention_backward (CUDA kernels, fake kernels and autograd
-  registered here, so torch.compile sees them as opaque ops);
+- the fused Triton kernel (kernels/attention.py) for fp16/bf16 on CUDA GPUs of compute capability 8.0 and
+  newer, through the private ops fastdistil::_attention_forward / _attention_backward (CUDA kernels, fake
+  kernels and autograd registered here, so torch.compile sees them as opaque ops);
 - PyTorch's scaled_dot_product_attention elsewhere: on CPU, on Volta (its memory-efficient kernel; Triton
-  runs tl.dot on CUDA cores there) and for head dims or dtypes the kernel does not cover.
+  runs tl.dot on CUDA cores there), for fp32 (the kernel keeps fp32's precision with exact "ieee" dots, which
+  run about 10x slower than SDPA's fp32 kernels) and for head dims the kernel does not cover.
+backend="triton" runs the kernel in any of fp32/fp16/bf16, except bf16 on GPUs older than sm80, which have none.
 The dropout of the Triton kernel is keyed by a seed drawn on the device from torch's generator, so
 torch.manual_seed makes it reproducible and nothing waits for the host.
 """
@@ -21,6 +23,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from fastdistil.kernels.layout import empty_bhld
 
 Backend = Literal["auto", "triton", "sdpa"]
 BACKENDS = ("auto", "triton", "sdpa")
@@ -45,6 +49,11 @@ def check_inputs(q, k, v, key_padding_mask, dropout_p: float, scale: float | Non
                          f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
     if triton and q.size(-1) not in HEAD_DIMS:
         raise ValueError(f"attention: the Triton kernel takes head dims {HEAD_DIMS}, got q.size(-1) = {q.size(-1)}")
+    if triton and q.dtype == torch.bfloat16 and q.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(q.device)
+        if major < 8:
+            raise ValueError(f"attention: q is {q.dtype} on {q.device}, but sm{major}{minor} has no bf16; "
+                             "use fp16 or fp32")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"attention: key_padding_mask must be a torch.Tensor or None, got "
@@ -107,14 +116,6 @@ def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     return attention_backward(grad_out, q, k, v, key_padding_mask, seed, out, lse, dropout_p, scale)
 
 
-def empty_bhld(like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised [B, H, L, D] tensor laid out as [B, L, H, D] in memory, for the kernels' outputs and
-    gradients (and their fake versions, which must match stride for stride): merging the heads back into
-    [B, L, H * D] is then free."""
-    batch, heads, length, dim = like.shape
-    return like.new_empty((batch, length, heads, dim)).transpose(1, 2)
-
-
 @_attention_forward.register_fake
 def _(q, k, v, key_padding_mask, dropout_p, scale, seed):
     return empty_bhld(q), q.new_empty(q.shape[:3], dtype=torch.float32)
@@ -172,6 +173,8 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> tup
         return "sdpa", f"sm{major}{minor}: Triton has no tensor-core matmul before sm80"
     if dtype not in DTYPES or head_dim not in HEAD_DIMS:
         return "sdpa", f"the Triton kernel takes {HEAD_DIMS} x fp32/fp16/bf16, got {head_dim} x {dtype}"
+    if dtype == torch.float32:
+        return "sdpa", "fp32: the Triton kernel's exact (ieee) fp32 dots run about 10x slower than SDPA"
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -212,8 +215,9 @@ def attention(
             0 = padding (never attended to). None: every key is real.
         dropout_p: attention dropout probability in [0, 1); pass 0 in evaluation.
         scale: multiplies q k^T; None means 1 / sqrt(Dh).
-        backend: "auto" (torch.ops.fastdistil.attention: Triton on sm80+ GPUs, else SDPA), "triton" (the kernel
-            on any tensors Triton accepts, CPU ones under TRITON_INTERPRET=1) or "sdpa".
+        backend: "auto" (torch.ops.fastdistil.attention: Triton for fp16/bf16 on sm80+ GPUs, else SDPA),
+            "triton" (the kernel on any tensors Triton accepts, CPU ones under TRITON_INTERPRET=1; bf16 needs
+            sm80+) or "sdpa".
 
     Returns:
         [B, H, L, Dh] in q's dtype; rows of a sequence without real keys are 0.

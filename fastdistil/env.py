@@ -15,6 +15,7 @@ import torch
 from fastdistil import __version__, extension
 from fastdistil.attention import auto_backend as attention_backend_of
 from fastdistil.triple_loss import auto_backend as loss_backend_of
+from fastdistil.triple_loss import triton_kernels_error
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HEAD_DIM = 64  # DistilBERT's, for the attention lines
@@ -71,6 +72,18 @@ def attention_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, st
     return backend, why
 
 
+def compile_mode() -> str:
+    """How torch.compile handles the loss op on CUDA: its Triton kernels traced into the graph, or the op kept
+    opaque, and why (fastdistil.kernels.triple_loss.traced_compile_unsupported)."""
+    error = triton_kernels_error()
+    if error:
+        return f"no Triton kernels to compile ({error})"
+    from fastdistil.kernels.triple_loss import traced_compile_unsupported
+
+    why = traced_compile_unsupported()
+    return f"keeps triple_loss opaque: {why}" if why else "traces triple_loss's Triton kernels into its graph"
+
+
 def _device_lines(device: torch.device) -> list[str]:
     lines = []
     for op, decide in (("triple_loss", triple_loss_backend), ("fused_linear_triple_loss", fused_linear_backend),
@@ -105,6 +118,8 @@ def report() -> str:
         device = torch.device("cuda", index)
         lines.append(f"{device}: {torch.cuda.get_device_name(index)}, {compute_capability(device)}")
         lines += _device_lines(device)
+    if torch.cuda.is_available():
+        lines.append(f"torch.compile on cuda: {compile_mode()}")
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ import torch
 
 from fastdistil import extension
 from fastdistil.kernels.gradient_scale import hidden_grad_dtype, logits_grad_scale
-from fastdistil.triple_loss import LOGIT_DTYPES, scale_gradient_
+from fastdistil.triple_loss import LOGIT_DTYPES, scale_gradient_, triton_kernels_error
 from fastdistil.triple_loss_output import TripleLossOutput
 
 # Bytes of the three [chunk, V] buffers (student logits, teacher logits, gradient) when chunk_size=0: a few
@@ -343,5 +343,7 @@ def fused_linear_triple_loss(
     if not extension.AVAILABLE:
         raise RuntimeError(f"fused_linear_triple_loss needs fastdistil._C ({extension.ERROR}). "
                            f"{extension.HOW_TO_FIX}")
+    if student_input.device.type == "cuda" and triton_kernels_error():
+        raise RuntimeError(f"fused_linear_triple_loss on CUDA runs the Triton loss kernel: {triton_kernels_error()}")
     return TripleLossOutput(*torch.ops.fastdistil.fused_linear_triple_loss(
         *args, bool(restrict_ce_to_mask), int(chunk_size)))

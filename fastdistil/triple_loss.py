@@ -11,6 +11,7 @@ applies grad_output and undoes the power of two in one fp32 multiplication: unde
 the reference's gradient to fp16 rounding.
 """
 
+import functools
 import warnings
 from typing import Literal
 
@@ -203,21 +204,29 @@ if extension.AVAILABLE:
         return None
 
 
-def _register_triton_kernels() -> None:
-    """The Triton kernels become the CUDA implementations of the ops. Only on a machine with CUDA: compiling
-    them here would fix Triton's mode before a CPU test can ask for the interpreter."""
-    if not (extension.AVAILABLE and torch.cuda.is_available()):
-        return
+@functools.cache
+def triton_kernels_error() -> str | None:
+    """Why the Triton kernels cannot serve CUDA tensors, or None once they are the CUDA implementations of the
+    ops. Registering them compiles nothing yet, but importing them fixes Triton's interpreter/compiler mode, so
+    this runs on the first CUDA use (or at import on a machine with CUDA), never before a CPU test can ask for
+    the interpreter."""
+    if not extension.AVAILABLE:
+        return f"fastdistil._C, which defines the op, is not loaded ({extension.ERROR})"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "Triton is not installed (pip install triton)"
     try:
         from fastdistil.kernels.triple_loss import register_cuda_kernel
-    except ImportError as exc:
-        warnings.warn(f"fastdistil: Triton is not importable ({exc}); CUDA tensors will use the reference "
-                      "triple loss. `pip install triton` fixes it.", RuntimeWarning, stacklevel=2)
-        return
+    except Exception as exc:  # no Triton, one too old for the kernels, a broken install: the kernels cannot run
+        return f"the Triton kernels failed to import ({type(exc).__name__}: {exc})"
     register_cuda_kernel()
+    return None
 
 
-_register_triton_kernels()
+if torch.cuda.is_available() and triton_kernels_error():
+    warnings.warn(f"fastdistil: {triton_kernels_error()}. CUDA tensors will use the unfused reference triple "
+                  "loss.", RuntimeWarning, stacklevel=2)
 
 
 class _TritonTripleLoss(torch.autograd.Function):
@@ -304,8 +313,9 @@ def auto_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
         return "cpp", f"fastdistil._C, {extension.cpu_isa()} code path"
     if device.type != "cuda":
         return "reference", f"no fused kernel for {device.type} tensors"
-    if not _triton_available():
-        return "reference", "Triton is not installed (pip install triton)"
+    kernels_error = triton_kernels_error()
+    if kernels_error:
+        return "reference", kernels_error
     unsupported = triton_unsupported(device, dtype)
     if unsupported:
         return "unsupported", unsupported
@@ -323,14 +333,6 @@ def triton_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
     if major < 8 and dtype == torch.bfloat16:
         return f"sm{major}{minor} has no bf16; use fp16 or fp32"
     return None
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class TripleLoss(nn.Module):

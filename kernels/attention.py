@@ -1,10 +1,10 @@
 """Triton implementation of fastdistil::_attention_forward / _attention_backward: bidirectional attention for the
 student with a key padding mask and attention dropout, FlashAttention-2 style.
 
-Forward: one program per (query block, batch x head); it keeps its query tile and streams the key/value blocks
+Forward: one program per (batch x head, query block); it keeps its query tile and streams the key/value blocks
 with an online softmax (running max and sum, base 2), so no [L, L] matrix exists, and stores the row's
-logsumexp. Backward: a preprocess kernel computes delta = rowsum(dO * O); then one program per (block, batch x
-head) recomputes the probabilities from the saved logsumexp, first accumulating dK and dV of its key block over
+logsumexp. Backward: a preprocess kernel computes delta = rowsum(dO * O); then one program per (batch x head,
+block) recomputes the probabilities from the saved logsumexp, first accumulating dK and dV of its key block over
 every query block, then dQ of its query block over every key block, so no two programs write the same memory
 and no atomics are needed. Unlike the Triton tutorial's backward, nothing assumes causality or L a multiple of
 the block: keys that are padding or past L are masked in every tile.
@@ -16,19 +16,25 @@ logsumexp +inf (so that exp(s - lse) = 0 in the backward) and zero gradients.
 
 Products are accumulated in fp32; the probabilities and dS are rounded to the input dtype before their
 matmuls, as FlashAttention does, so that fp16/bf16 tiles run on tensor cores.
+
+Each launch picks its block sizes and pipeline depth (num_stages) so that an upper-bound estimate of the kernel's
+shared memory fits the device's per-block limit. At Triton's default depth of 3 the fp32 forward at head dim 128
+takes 180608 bytes, more than an A100's 163 KB, the fp32 backward at head dim 64 more than the 99 KB of sm86/
+sm89/sm120, and the 16-bit forward at head dim 128 takes 90112 of those 99 KB. compiled_shared_memory compiles a
+kernel offline for a CUDA target and reports what the compiler allocates; the tests hold the estimates to it.
 """
 
 import contextlib
+import functools
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from fastdistil.attention import empty_bhld
+from fastdistil.kernels.layout import empty_bhld
 
 _LOG2E = tl.constexpr(1.4426950408889634)
-_BLOCK_M = 64  # forward query block
-_BLOCK_N = 64  # forward key block
 
 
 @triton.jit
@@ -83,10 +89,10 @@ def _attention_forward_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" for fp32 inputs: tf32 would lose fp32's precision
 ):
-    bh = tl.program_id(1).to(tl.int64)  # b * stride_b overflows int32 once a tensor passes 2^31 elements
+    bh = tl.program_id(0).to(tl.int64)  # b * stride_b overflows int32 once a tensor passes 2^31 elements
     b = bh // H
     h = bh % H
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     k_head = k_ptr + b * stride_kb + h * stride_kh
     v_head = v_ptr + b * stride_vb + h * stride_vh
@@ -131,10 +137,10 @@ def _attention_delta_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     o = _load_rows(o_ptr + b * stride_ob + h * stride_oh, offs_m, stride_ol, L, HEAD_DIM).to(tl.float32)
     do = _load_rows(do_ptr + b * stride_db + h * stride_dh, offs_m, stride_dl, L, HEAD_DIM).to(tl.float32)
     tl.store(delta_ptr + bh * L + offs_m, tl.sum(o * do, 1), mask=offs_m < L)
@@ -179,7 +185,7 @@ def _attention_backward_kernel(
     BLOCK: tl.constexpr,  # both the key block of dK/dV and the query block of dQ: one grid serves both
     PRECISION: tl.constexpr,
 ):
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
     q_head = q_ptr + b * stride_qb + h * stride_qh
@@ -190,7 +196,7 @@ def _attention_backward_kernel(
     mask_row = mask_ptr + b * L
     seed = tl.load(seed_ptr) if DROPOUT else 0
     qk_scale = scale * _LOG2E
-    block = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    block = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     offs0 = tl.arange(0, BLOCK)
 
     # dK and dV of the keys in `block`, over every query block. Past-the-end queries load lse = +inf, so P = 0.
@@ -227,6 +233,124 @@ def _attention_backward_kernel(
     _store_rows(dq_ptr + g_head, block, stride_gl, L, dq * scale, HEAD_DIM)
 
 
+# Launch configuration ---------------------------------------------------------------------------------------
+
+# The shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin: the SM's shared memory less
+# the 1 KB CUDA reserves per block), by compute capability, as NVIDIA's CUDA programming guide and CCCL's
+# cuda/__device/arch_traits.h give it. Launches read the device's own figure; this table is for the tests and docs.
+SHARED_MEMORY_LIMITS = {
+    (8, 0): 166912,  # A100 (163 KB)
+    (8, 6): 101376,  # RTX 30xx, A10, A40 (99 KB)
+    (8, 9): 101376,  # RTX 40xx, L4, L40 (99 KB)
+    (9, 0): 232448,  # H100, H200 (227 KB)
+    (10, 0): 232448,  # B200 (227 KB)
+    (12, 0): 101376,  # RTX 50xx (99 KB)
+}
+# CUDA's limits on a launch grid's axes: the number of programs along x, y and z.
+CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)
+_NUM_WARPS = 4
+# Pipeline depths to try, deepest first: Triton's default of 3 hides most of the loads' latency.
+_NUM_STAGES = (3, 2, 1)
+# Room for what the estimates leave out: the pipeline's barriers, the prefetched padding-mask bytes and the
+# reductions' scratch, a few hundred bytes in the compiled kernels.
+_SHARED_SLACK = 1024
+
+
+class ForwardConfig(NamedTuple):
+    block_m: int  # query block
+    block_n: int  # key block
+    num_stages: int
+
+
+class BackwardConfig(NamedTuple):
+    block: int  # of the delta and backward kernels
+    num_stages: int
+
+
+# The estimates are upper bounds of what Triton allocates, written from the tiles a kernel holds rather than fitted:
+# a loop's prefetched loads take num_stages buffers each (the sm90/sm100 pipelines allocate that many, sm8x and
+# sm120 one fewer), every dot operand that may sit in shared memory counts once, and nothing is assumed reused.
+# At the chosen configurations, compiled with Triton 3.6 and 3.9 for sm80..sm120, they are 1.08x (forward, 16-bit,
+# head dim 128, sm90/sm100) to 2.5x (backward on sm8x/sm120) what the compiler allocates; the tests compare.
+
+
+def forward_shared_memory(head_dim: int, element_size: int, block_m: int, block_n: int, num_stages: int) -> int:
+    """Upper bound, in bytes, of _attention_forward_kernel's shared memory: the query tile and the probabilities
+    (dot operands) once, the key and value tiles the loop prefetches num_stages times."""
+    resident = element_size * block_m * (head_dim + block_n)
+    return resident + num_stages * 2 * element_size * block_n * head_dim + _SHARED_SLACK
+
+
+def delta_shared_memory(head_dim: int, element_size: int, block: int) -> int:
+    """Upper bound, in bytes, of _attention_delta_kernel's shared memory: the scratch of a row sum across warps
+    (one fp32 partial per row and warp). It has no loop, so no pipeline depth and no tile held in shared memory."""
+    return 4 * block * _NUM_WARPS
+
+
+def backward_shared_memory(head_dim: int, element_size: int, block: int, num_stages: int) -> int:
+    """Upper bound, in bytes, of _attention_backward_kernel's shared memory. Each loop holds two resident
+    operand tiles (k and v, then q and dO) and two [block, block] ones (P~^T and dS^T, then dS); what the loops
+    prefetch (q, dO and their fp32 lse and delta, then k and v) takes num_stages buffers in each loop, both loops
+    counted, as the compiler need not reuse one loop's buffers in the other (for sm100 it does not)."""
+    tile = element_size * block * head_dim
+    resident = 2 * tile + 2 * element_size * block * block
+    return resident + num_stages * (4 * tile + 2 * 4 * block) + _SHARED_SLACK
+
+
+def _first_fit(shared_memory, blocks: tuple[int, ...], limit: int | None) -> tuple[int, int]:
+    """(block, num_stages): the largest block that fits limit bytes at some depth, at the deepest depth that
+    fits; limit None (the interpreter, which has no shared memory) takes the first. Shrinking the block only
+    when even an unpipelined loop overflows keeps the tile shapes the register budget was planned for."""
+    for block in blocks:
+        for num_stages in _NUM_STAGES:
+            if limit is None or shared_memory(block, num_stages) <= limit:
+                return block, num_stages
+    raise ValueError(f"attention: the Triton kernel needs {shared_memory(blocks[-1], 1)} bytes of shared memory "
+                     f"per block at least, the GPU offers {limit}; use backend='sdpa'")
+
+
+def forward_config(head_dim: int, element_size: int, limit: int | None) -> ForwardConfig:
+    """The forward's launch configuration for limit bytes of shared memory per block (None: no limit)."""
+    block_m = 64
+    block_n, num_stages = _first_fit(
+        lambda block_n, stages: forward_shared_memory(head_dim, element_size, block_m, block_n, stages),
+        (64, 32, 16), limit)
+    return ForwardConfig(block_m, block_n, num_stages)
+
+
+def backward_config(head_dim: int, element_size: int, limit: int | None) -> BackwardConfig:
+    """The delta and backward kernels' launch configuration for limit bytes of shared memory per block (None: no
+    limit). Two fp32 [64, 128] accumulators (dK, dV) besides the q, k, v, dO tiles would outgrow the registers of
+    4 warps, so head dim 128 starts from block 32 (a register count, not a timing: no GPU here)."""
+    blocks = (64, 32, 16) if head_dim <= 64 else (32, 16)
+    return BackwardConfig(*_first_fit(
+        lambda block, stages: max(backward_shared_memory(head_dim, element_size, block, stages),
+                                  delta_shared_memory(head_dim, element_size, block)),
+        blocks, limit))
+
+
+@functools.cache
+def _cuda_shared_memory_limit(device_index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def _shared_memory_limit(device: torch.device) -> int | None:
+    """The device's per-block shared memory in bytes; None for CPU tensors, which only the interpreter runs."""
+    return _cuda_shared_memory_limit(device.index) if device.type == "cuda" else None
+
+
+def _grid(batch: int, heads: int, length: int, block: int) -> tuple[int, int]:
+    """(B * H, blocks of the sequence): the batch x head count goes on axis 0, as on axis 1 a batch of 5462
+    sequences with DistilBERT's 12 heads would already pass CUDA's 65535."""
+    grid = (batch * heads, triton.cdiv(length, block))
+    if grid[0] > CUDA_GRID_LIMITS[0]:
+        raise ValueError(f"attention: B * H = {grid[0]} exceeds CUDA's {CUDA_GRID_LIMITS[0]} programs per grid axis")
+    if grid[1] > CUDA_GRID_LIMITS[1]:
+        raise ValueError(f"attention: L = {length} makes {grid[1]} blocks of {block}, more than the "
+                         f"{CUDA_GRID_LIMITS[1]} programs CUDA allows on a grid's second axis")
+    return grid
+
+
 def _device_guard(device: torch.device):
     # Triton launches on the current CUDA device, which need not be the tensors' device.
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -257,24 +381,19 @@ def attention_forward(q, k, v, key_padding_mask, dropout_p: float, scale: float,
     """
     q, k, v = (_rows_contiguous(x) for x in (q, k, v))
     batch, heads, length, dim = q.shape
+    config = forward_config(dim, q.element_size(), _shared_memory_limit(q.device))
     out = empty_bhld(q)
     lse = q.new_empty((batch, heads, length), dtype=torch.float32)
-    grid = (triton.cdiv(length, _BLOCK_M), batch * heads)
     with _device_guard(q.device):
-        _attention_forward_kernel[grid](
+        _attention_forward_kernel[_grid(batch, heads, length, config.block_m)](
             q, k, v, _padding_flags(key_padding_mask, q), seed, out, lse,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             heads, length, scale * _LOG2E.value, dropout_p,
             HAS_MASK=key_padding_mask is not None, DROPOUT=dropout_p > 0, HEAD_DIM=dim,
-            BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, PRECISION=_precision(q.dtype), num_warps=4,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, PRECISION=_precision(q.dtype), num_warps=_NUM_WARPS,
+            num_stages=config.num_stages,
         )
     return out, lse
-
-
-def _backward_block(dim: int) -> int:
-    # Two fp32 [64, 128] accumulators (dK, dV) besides the q, k, v, dO tiles would outgrow the registers of 4
-    # warps, so Dh = 128 halves the block (a register count, not a timing: no GPU here).
-    return 64 if dim <= 64 else 32
 
 
 def attention_backward(grad_out, q, k, v, key_padding_mask, seed, out, lse, dropout_p: float, scale: float):
@@ -282,21 +401,73 @@ def attention_backward(grad_out, q, k, v, key_padding_mask, seed, out, lse, drop
     in the input dtype, for the forward that returned out and lse with the same seed."""
     q, k, v, out, grad_out = (_rows_contiguous(x) for x in (q, k, v, out, grad_out))
     batch, heads, length, dim = q.shape
+    config = backward_config(dim, q.element_size(), _shared_memory_limit(q.device))
     delta = torch.empty_like(lse)
     dq, dk, dv = empty_bhld(q), empty_bhld(k), empty_bhld(v)
-    block = _backward_block(dim)
-    grid = (triton.cdiv(length, block), batch * heads)
+    grid = _grid(batch, heads, length, config.block)
     with _device_guard(q.device):
         _attention_delta_kernel[grid](
             out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], heads, length,
-            HEAD_DIM=dim, BLOCK_M=block, num_warps=4,
+            HEAD_DIM=dim, BLOCK_M=config.block, num_warps=_NUM_WARPS, num_stages=1,  # no loop to pipeline
         )
         _attention_backward_kernel[grid](
             q, k, v, grad_out, _padding_flags(key_padding_mask, q), seed, lse, delta, dq, dk, dv,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq.stride()[:3],
             heads, length, scale, dropout_p,
-            HAS_MASK=key_padding_mask is not None, DROPOUT=dropout_p > 0, HEAD_DIM=dim, BLOCK=block,
-            PRECISION=_precision(q.dtype), num_warps=4,
+            HAS_MASK=key_padding_mask is not None, DROPOUT=dropout_p > 0, HEAD_DIM=dim, BLOCK=config.block,
+            PRECISION=_precision(q.dtype), num_warps=_NUM_WARPS, num_stages=config.num_stages,
         )
     return dq, dk, dv
 
+
+
+# Offline compilation, to hold the estimates against the compiler ------------------------------------------
+
+
+def compiled_shared_memory(kernel: str, dtype: torch.dtype, capability: tuple[int, int], head_dim: int,
+                           config: ForwardConfig | BackwardConfig) -> int:
+    """Bytes of shared memory Triton allocates for kernel ("forward", "delta" or "backward") on dtype inputs at
+    head dim head_dim, with config, when compiled for a CUDA GPU of this compute capability. Needs no GPU (Triton
+    ships ptxas) but does need Triton's compiler mode: call it in a process without TRITON_INTERPRET=1.
+
+    The kernel is compiled with a mask and dropout, and with every pointer and integer argument divisible by 16:
+    the variant with the most shared memory. A launch specializes that way whenever strides and pointers allow
+    (outputs and gradients are [B, L, H, Dh] with Dh in 32/64/128), and only then can Triton prefetch the tiles
+    with cp.async, whose buffers are most of the kernels' shared memory.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    precision = _precision(dtype)
+    if kernel == "forward":
+        fn = _attention_forward_kernel
+        constexprs = dict(HAS_MASK=True, DROPOUT=True, HEAD_DIM=head_dim, BLOCK_M=config.block_m,
+                          BLOCK_N=config.block_n, PRECISION=precision)
+    elif kernel == "delta":
+        fn = _attention_delta_kernel
+        constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=config.block)
+    elif kernel == "backward":
+        fn = _attention_backward_kernel
+        constexprs = dict(HAS_MASK=True, DROPOUT=True, HEAD_DIM=head_dim, BLOCK=config.block, PRECISION=precision)
+    else:
+        raise ValueError(f"compiled_shared_memory: kernel must be 'forward', 'delta' or 'backward', got {kernel!r}")
+    element = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    pointer_types = dict(mask_ptr="*u8", seed_ptr="*i64", lse_ptr="*fp32", delta_ptr="*fp32")
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_types.get(name, f"*{element}")
+        else:
+            signature[name] = "fp32" if name in ("qk_scale", "scale", "dropout_p") else "i32"
+    index = {name: (i,) for i, name in enumerate(fn.arg_names)}
+    aligned = [["tt.divisibility", 16]]
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={index[name]: value for name, value in constexprs.items()},
+                       attrs={index[name]: aligned for name, kind in signature.items() if kind not in
+                              ("constexpr", "fp32")})
+    num_stages = 1 if kernel == "delta" else config.num_stages
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability[0] * 10 + capability[1], 32),
+                              options=dict(num_warps=_NUM_WARPS, num_stages=num_stages))
+    return compiled.metadata.shared

@@ -22,6 +22,7 @@ backward the scaling kernel, each marked as writing only its outputs); Inductor 
 
 import contextlib
 import functools
+import inspect
 
 import torch
 import triton
@@ -322,9 +323,10 @@ def logits_loss_chunk(student_logits, teacher_logits, labels, selected, counts, 
     s, t, flat_labels = _flatten_logits(student_logits, teacher_logits, labels)
     kl_rows, ce_rows, grad = _launch_logits(s, t, flat_labels, selected.reshape(-1).contiguous().view(torch.uint8),
                                             counts, grad_scale, temperature, alpha_ce, alpha_mlm, traceable=False)
-    n = counts[:2].clamp_min(1)
-    return (kl_rows.sum(dtype=torch.float64) * (temperature * temperature) / n[0]).to(kl_rows.dtype), \
-        (ce_rows.sum(dtype=torch.float64) / n[1]).to(kl_rows.dtype), grad
+    n_selected, n_labelled = counts[:2].clamp_min(1)
+    loss_ce = kl_rows.sum(dtype=torch.float64) * (temperature * temperature) / n_selected
+    loss_mlm = ce_rows.sum(dtype=torch.float64) / n_labelled
+    return loss_ce.to(kl_rows.dtype), loss_mlm.to(kl_rows.dtype), grad
 
 
 @triton.jit
@@ -360,13 +362,78 @@ def scale_gradient_(grad: torch.Tensor, scale: torch.Tensor, traceable: bool = F
         )
 
 
+# What each kernel writes, by argument name: all a compiled graph may treat as mutated.
+_KERNEL_OUTPUTS = {
+    _triple_loss_logits_kernel: {"grad_ptr", "kl_rows_ptr", "ce_rows_ptr"},
+    _triple_loss_cosine_kernel: {"grad_ptr", "cos_rows_ptr"},
+    _scale_gradient_kernel: {"grad_ptr"},
+}
+
+
+def _sample_launches():
+    """(kernel, kwargs) as the launchers pass them, on small CPU tensors (the analysis only compiles to Triton
+    IR), with a vocabulary and a hidden size that 16 divides and one it does not: Triton specializes integer
+    arguments by divisibility, and some versions mishandle the attributes of specialized scalars."""
+    for vocab, dim in ((30522, 768), (32000, 100)):
+        rows = torch.empty(4)
+        yield _triple_loss_logits_kernel, dict(
+            s_ptr=torch.empty(4, vocab), t_ptr=torch.empty(4, vocab), labels_ptr=torch.empty(4, dtype=torch.int64),
+            selected_ptr=torch.empty(4, dtype=torch.uint8), counts_ptr=torch.empty(3, dtype=torch.int64),
+            grad_scale_ptr=torch.empty(()), grad_ptr=torch.empty(4, vocab), kl_rows_ptr=rows, ce_rows_ptr=rows.clone(),
+            V=vocab, inv_temp=0.5, kl_weight=10.0, ce_weight=2.0, ACC=tl.float32, TEMP_POW=2, BLOCK_V=_MAX_BLOCK)
+        yield _triple_loss_cosine_kernel, dict(
+            hs_ptr=torch.empty(4, dim), ht_ptr=torch.empty(4, dim), real_ptr=torch.empty(4, dtype=torch.uint8),
+            counts_ptr=torch.empty(3, dtype=torch.int64), grad_ptr=torch.empty(4, dim), cos_rows_ptr=rows.clone(),
+            D=dim, cos_weight=1.0, ACC=tl.float32, BLOCK_D=triton.next_power_of_2(dim))
+        yield _scale_gradient_kernel, dict(grad_ptr=torch.empty(4, vocab), scale_ptr=torch.empty(()),
+                                           numel=4 * vocab, ACC=tl.float32, BLOCK=4096)
+
+
+def _written_tensors(kernel, kwargs) -> set[str]:
+    """The tensor arguments torch's analysis of a user-defined Triton kernel finds it writes (the function
+    moved between torch versions; an unknown torch raises NotImplementedError)."""
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    if hasattr(triton_kernel_wrap, "identify_accessed_tensors"):  # torch >= 2.12
+        accesses = triton_kernel_wrap.identify_accessed_tensors(kernel, kwargs, {})
+        return {dep.name for dep in accesses.read_writes.writes if isinstance(kwargs.get(dep.name), torch.Tensor)}
+    if hasattr(triton_kernel_wrap, "identify_mutated_tensors"):  # a third argument, TMA metadata, since ~2.7
+        identify = triton_kernel_wrap.identify_mutated_tensors
+        extra = ({},) if len(inspect.signature(identify).parameters) > 2 else ()
+        return set(identify(kernel, kwargs, *extra))
+    raise NotImplementedError(f"torch {torch.__version__} has neither identify_accessed_tensors nor "
+                              "identify_mutated_tensors")
+
+
+@functools.cache
+def traced_compile_unsupported() -> str | None:
+    """Why torch.compile must keep the loss op opaque on this torch and Triton, or None if it may trace the
+    Triton kernels into its graph.
+
+    torch finds what a user-defined kernel writes by compiling it to Triton IR. When that fails, as with Triton
+    3.6's runtime scalars (pytorch#170049), it assumes the kernel writes every input; depending on the version,
+    Inductor then clones every input or removes the kernel as dead code (pytorch#170808), which silently skips
+    the loss. So the analysis is run once, on the kernels as the launchers call them, and must find exactly
+    their outputs."""
+    for kernel, kwargs in _sample_launches():
+        try:
+            written = _written_tensors(kernel, kwargs)
+        except Exception as exc:  # any failure of a private torch API means: do not trust it
+            return f"torch's kernel analysis failed on {kernel.fn.__name__} ({type(exc).__name__}: {exc})"
+        if written != _KERNEL_OUTPUTS[kernel]:
+            return (f"torch's kernel analysis finds {kernel.fn.__name__} writing {sorted(written)}, not just "
+                    f"{sorted(_KERNEL_OUTPUTS[kernel])} (pytorch#170049)")
+    return None
+
+
 def _trace_on_cuda(launcher):
     """FunctionalTensorMode rule (what triton_op registers for its own ops): AOTAutograd traces the launcher on
-    CUDA tensors, so the graph holds its Triton kernels. Other devices, and torch.export, which should keep the
-    op whole rather than Triton source, get the mode's usual handling: the fake kernel."""
+    CUDA tensors, so the graph holds its Triton kernels. Other devices, torch.export (which should keep the op
+    whole rather than Triton source) and a torch whose kernel analysis cannot be trusted here
+    (traced_compile_unsupported) get the mode's usual handling: the fake kernel, and the op stays opaque."""
 
     def rule(mode, op, types, args, kwargs):
-        if args[0].device.type != "cuda" or torch.compiler.is_exporting():
+        if args[0].device.type != "cuda" or torch.compiler.is_exporting() or traced_compile_unsupported():
             return mode.__torch_dispatch__(op, types, args, kwargs)
         with mode:
             return launcher(*args, **kwargs, traceable=True)

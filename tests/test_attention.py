@@ -6,8 +6,11 @@ Without a GPU the Triton kernel runs on CPU tensors in Triton's interpreter, whi
 cases run only on CUDA.
 """
 
+import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,6 +25,7 @@ from fastdistil.attention import (  # noqa: E402  (fastdistil.attention is also 
     _transformers_attention,
     attention,
     auto_backend,
+    check_inputs,
     register_with_transformers,
 )
 from fastdistil.kernels import attention as kernel_module  # noqa: E402
@@ -252,6 +256,144 @@ def test_bad_inputs_name_the_argument(change, error, match):
                      for name, value in args.items()})
 
 
+# Launch configuration: shared memory, grid, dtypes per GPU ----------------------------------------------------
+
+KERNELS = ("forward", "delta", "backward")
+SHARED_MEMORY_LIMITS = kernel_module.SHARED_MEMORY_LIMITS
+
+
+def chosen_config(kernel, dim, dtype, limit):
+    element_size = torch.empty((), dtype=dtype).element_size()
+    if kernel == "forward":
+        return kernel_module.forward_config(dim, element_size, limit)
+    return kernel_module.backward_config(dim, element_size, limit)  # the delta kernel runs on the backward's grid
+
+
+def estimate(kernel, dim, dtype, config):
+    element_size = torch.empty((), dtype=dtype).element_size()
+    if kernel == "forward":
+        return kernel_module.forward_shared_memory(dim, element_size, *config)
+    if kernel == "delta":
+        return kernel_module.delta_shared_memory(dim, element_size, config.block)
+    return kernel_module.backward_shared_memory(dim, element_size, *config)
+
+
+@pytest.mark.parametrize("capability", list(SHARED_MEMORY_LIMITS), ids=lambda c: f"sm{c[0]}{c[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dim", [32, 64, 128])
+def test_chosen_configs_fit_the_shared_memory_of_every_supported_gpu(capability, dtype, dim):
+    """Each kernel's estimate at the configuration chosen for the GPU's limit fits it, and the pipeline is as
+    deep as fits: one stage more would not."""
+    limit = SHARED_MEMORY_LIMITS[capability]
+    for kernel in KERNELS:
+        config = chosen_config(kernel, dim, dtype, limit)
+        assert estimate(kernel, dim, dtype, config) <= limit, (kernel, config)
+        if kernel != "delta" and config.num_stages < 3:
+            deeper = config._replace(num_stages=config.num_stages + 1)
+            assert estimate(kernel, dim, dtype, deeper) > limit, (kernel, config)
+
+
+# Compiles for a CUDA target offline (Triton ships ptxas), in a process of its own: this one runs the interpreter.
+_COMPILE = """
+import json, sys
+import torch
+from fastdistil.kernels.attention import BackwardConfig, ForwardConfig, compiled_shared_memory
+cases = json.load(sys.stdin)
+print(json.dumps([compiled_shared_memory(kernel, getattr(torch, dtype), tuple(capability), dim,
+                                         (ForwardConfig if kernel == "forward" else BackwardConfig)(*config))
+                  for kernel, dtype, capability, dim, config in cases]))
+"""
+
+
+def check_compiled_shared_memory(capabilities, dtypes, dims, kernels):
+    """For each case, the shared memory Triton's compiler allocates at the chosen configuration fits the GPU's
+    limit and is not above the estimate the choice relied on."""
+    cases = [(kernel, str(dtype).removeprefix("torch."), capability, dim,
+              chosen_config(kernel, dim, dtype, SHARED_MEMORY_LIMITS[capability]))
+             for capability in capabilities for dtype in dtypes for dim in dims for kernel in kernels]
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], input=json.dumps(cases), capture_output=True, text=True,
+                          env=env, timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wrong = []
+    for (kernel, dtype, capability, dim, config), shared in zip(cases, json.loads(proc.stdout.splitlines()[-1])):
+        limit = SHARED_MEMORY_LIMITS[capability]
+        expected = estimate(kernel, dim, getattr(torch, dtype), config)
+        if not shared <= min(limit, expected):
+            wrong.append(f"{kernel} {dtype} sm{capability[0]}{capability[1]} Dh={dim} {config}: compiled {shared}, "
+                         f"estimate {expected}, limit {limit}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_compiled_shared_memory_of_the_tightest_cases():
+    """The largest head dim in fp32 and bf16, forward and backward, on the 99 KB of sm86 (as sm89 and sm120)."""
+    check_compiled_shared_memory([(8, 6)], [torch.float32, torch.bfloat16], [128], ["forward", "backward"])
+
+
+@pytest.mark.slow
+def test_compiled_shared_memory_of_every_case():
+    check_compiled_shared_memory(list(SHARED_MEMORY_LIMITS), [torch.float32, torch.float16, torch.bfloat16],
+                                 [32, 64, 128], KERNELS)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_configs_for_99_kb_gpus_match_oracle(dim, monkeypatch):
+    """In fp32 a GPU with 99 KB per block gets smaller blocks than the interpreter's default: they compute the
+    same attention (L = 70 spans several of the smaller blocks and a tail)."""
+    limit = SHARED_MEMORY_LIMITS[(8, 6)]
+    small = (kernel_module.forward_config(dim, 4, limit), kernel_module.backward_config(dim, 4, limit))
+    default = (kernel_module.forward_config(dim, 4, None), kernel_module.backward_config(dim, 4, None))
+    assert small[0].block_n < default[0].block_n or small[1].block < default[1].block, small
+    monkeypatch.setattr(kernel_module, "_shared_memory_limit", lambda device: limit)
+    check_against_oracle(*make_qkv(length=70, dim=dim), padding_mask(2, 70, [41, 70]))
+
+
+def test_grid_puts_batch_times_heads_on_the_first_axis():
+    """8192 sequences x 12 heads = 98304 programs would overflow CUDA's 65535 on axis 1; on axis 0 they fit."""
+    batch_heads, blocks = kernel_module._grid(8192, 12, 509, 64)
+    assert (batch_heads, blocks) == (98304, math.ceil(509 / 64))
+    assert batch_heads > kernel_module.CUDA_GRID_LIMITS[1]
+    assert batch_heads <= kernel_module.CUDA_GRID_LIMITS[0] and blocks <= kernel_module.CUDA_GRID_LIMITS[1]
+    with pytest.raises(ValueError, match=r"L = 4194304 makes 65536 blocks of 64"):
+        kernel_module._grid(1, 1, 65536 * 64, 64)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """fake_gpu((7, 0)) makes torch.cuda report one device of that compute capability."""
+
+    def install(capability):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+    return install
+
+
+def fake_cuda_qkv(dtype):
+    return [torch.empty(2, 2, 17, 32, device="cuda", dtype=dtype) for _ in range(3)]
+
+
+def test_bf16_before_sm80_is_refused_by_name(fake_gpu):
+    """On a faked V100 (fake tensors stand in for its memory, so no kernel can run) backend="triton" refuses bf16
+    before touching the device, and still takes fp16; on sm80 it takes bf16."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_gpu((7, 0))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with pytest.raises(ValueError, match=r"bfloat16 on cuda.*sm70 has no bf16; use fp16 or fp32"):
+            attention(*fake_cuda_qkv(torch.bfloat16), backend="triton")
+        check_inputs(*fake_cuda_qkv(torch.float16), None, 0.0, None, triton=True)
+        fake_gpu((8, 0))
+        check_inputs(*fake_cuda_qkv(torch.bfloat16), None, 0.0, None, triton=True)
+
+
+def test_bf16_on_cpu_stays_allowed_for_the_interpreter():
+    q, k, v = (x.detach().cpu().to(torch.bfloat16) for x in make_qkv(length=9, dim=32))
+    check_inputs(q, k, v, None, 0.0, None, triton=True)
+
+
+
 # transformers' DistilBERT through the attention registry ----------------------------------------------------
 
 
@@ -328,8 +470,8 @@ def test_transformers_hook_hands_other_masks_to_sdpa():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_full_size_on_cuda(dtype, dim):
     """DistilBERT-like shapes (16 x 12 heads x L = 509, ragged padding, one empty sequence); bf16 is held to the
-    same 2x rule as fp16. backend="auto" takes the kernel on sm80+ and matches the direct call."""
-    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+    same 2x rule as fp16. backend="auto" takes the kernel for fp16/bf16 on sm80+ and matches the direct call."""
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
         pytest.skip("no bf16 on this GPU")
     q, k, v = make_qkv(batch=16, heads=12, length=509, dim=dim, dtype=dtype)
     lengths = torch.randint(1, 510, (16,), generator=torch.Generator().manual_seed(0)).tolist()

@@ -50,8 +50,16 @@ def test_module_runs_and_describes_the_cpu():
 
 @pytest.fixture
 def fake_gpus(monkeypatch):
-    """fake_gpus((7, 0), (8, 0), ...) makes torch.cuda report one device per compute capability."""
+    """fake_gpus((7, 0), (8, 0), ...) makes torch.cuda report one device per compute capability. Whether the
+    Triton kernels load is decided once per process (triton_kernels_error is cached): each test decides afresh,
+    after its own patches, and leaves no decision behind."""
+    kernels_error = sys.modules["fastdistil.triple_loss"].triton_kernels_error
+    kernels_error.cache_clear()
+    yield install_fake_gpus(monkeypatch)
+    kernels_error.cache_clear()
 
+
+def install_fake_gpus(monkeypatch):
     def install(*capabilities):
         def index(device=None):
             return device if isinstance(device, int) else torch.device(device).index or 0
@@ -85,7 +93,7 @@ def test_volta_gets_triton_loss_without_bf16_and_sdpa_attention(fake_gpus, needs
 
 
 @pytest.mark.parametrize("capability, name", [((8, 0), "Ampere"), ((8, 9), "Ada"), ((9, 0), "Hopper")])
-def test_sm80_and_newer_get_triton_everywhere(fake_gpus, needs_triton, capability, name):
+def test_sm80_and_newer_get_triton_except_fp32_attention(fake_gpus, needs_triton, capability, name):
     report = fake_gpus(capability)
     major, minor = capability
     assert f"sm{major}{minor} ({name})" in report
@@ -93,6 +101,8 @@ def test_sm80_and_newer_get_triton_everywhere(fake_gpus, needs_triton, capabilit
     for dtype in env.DTYPES:
         assert gpu["triple_loss", dtype].startswith("Triton kernel")
         assert gpu["fused_linear_triple_loss", dtype].startswith("chunked projections + Triton kernel per chunk")
+    assert gpu["attention", "fp32"].startswith("sdpa -- fp32")
+    for dtype in ("fp16", "bf16"):
         assert gpu["attention", dtype].startswith("triton")
 
 
@@ -118,6 +128,8 @@ def test_without_triton_cuda_falls_back(fake_gpus, monkeypatch):
     for dtype in env.DTYPES:
         assert gpu["triple_loss", dtype].startswith(f"unfused reference -- {why}")
         assert gpu["fused_linear_triple_loss", dtype].startswith("unavailable")
+    assert gpu["attention", "fp32"].startswith("sdpa -- fp32")  # SDPA with or without Triton
+    for dtype in ("fp16", "bf16"):
         assert gpu["attention", dtype].startswith("sdpa -- Triton is not installed")
 
 

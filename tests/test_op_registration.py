@@ -1,5 +1,6 @@
 """Registration: schema, fake kernel and autograd (opcheck), torch.compile, and the no-extension fallback."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -73,6 +74,47 @@ def test_compile_fullgraph_matches_eager(fn, device):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+# What the Triton kernels write; a graph that clones anything else was traced with a broken kernel analysis.
+KERNEL_OUTPUTS = {"grad_ptr", "kl_rows_ptr", "ce_rows_ptr", "cos_rows_ptr"}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compile_graph_on_cuda_holds_the_kernels_or_the_opaque_op():
+    """The graphs AOTAutograd hands Inductor show what traced_compile_unsupported decided: the Triton kernels,
+    none of them cloning an input it only reads (with a broken analysis, pytorch#170049, every input is cloned
+    or Inductor drops the kernel as dead code, #170808), or the op kept whole. Either way, compiled equals
+    eager."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    from fastdistil.kernels.triple_loss import traced_compile_unsupported
+
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module.graph)
+        return graph_module.forward
+
+    inputs = [x.detach().cuda().requires_grad_(x.requires_grad)
+              for x in make_inputs((2, 5), 37, dim=8, label_frac=0.3)]
+    torch._dynamo.reset()
+    compiled = terms_and_grads(torch.compile(raw_op, fullgraph=True, backend=aot_autograd(
+        fw_compiler=capture, bw_compiler=capture)), inputs)
+    nodes = [node for graph in graphs for node in graph.nodes]
+    kernels = [n for n in nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+    opaque = [n for n in nodes if n.target is OPS._triple_loss_forward.default]
+    why = traced_compile_unsupported()
+    print(f"torch.compile: {why or 'traces the Triton kernels'}")
+    if why is None:
+        assert len(kernels) >= 2 and not opaque, [str(n.target) for n in nodes]
+        for node in kernels:
+            assert set(node.kwargs["tensors_to_clone"]) <= KERNEL_OUTPUTS, node.kwargs["tensors_to_clone"]
+    else:
+        assert opaque and not kernels, [str(n.target) for n in nodes]
+    for a, b in zip(compiled, terms_and_grads(raw_op, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 # --- without the compiled extension ---
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,3 +166,21 @@ def test_required_extension_missing_is_an_import_error(tmp_path):
     proc = run_without_extension(tmp_path, "1")
     assert proc.returncode != 0
     assert "ImportError: fastdistil: the C++ extension fastdistil._C failed to load" in proc.stderr
+
+
+def test_auto_on_a_gpu_whose_triton_kernels_failed_to_import_runs_the_reference(monkeypatch):
+    """backend="auto" must not pick the Triton kernel when its module failed to import (the op's CUDA kernel is
+    then never registered, and the call would end in the dispatcher's NotImplementedError): the reference,
+    with the import error as the reason, which python -m fastdistil.env prints too."""
+    from fastdistil import env
+
+    module = sys.modules["fastdistil.triple_loss"]  # the package's triple_loss attribute is the function
+    monkeypatch.setitem(sys.modules, "fastdistil.kernels.triple_loss", None)  # importing it raises ImportError
+    monkeypatch.setattr(module, "triton_kernels_error", functools.cache(module.triton_kernels_error.__wrapped__))
+    monkeypatch.setattr(env, "triton_kernels_error", module.triton_kernels_error)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    backend, why = module.auto_backend(torch.device("cuda"), torch.float16)
+    assert backend == "reference" and "the Triton kernels failed to import (ModuleNotFoundError" in why, why
+    assert env.triple_loss_backend(torch.device("cuda"), torch.float16)[0] == "unfused reference"
+    assert env.fused_linear_backend(torch.device("cuda"), torch.float16)[0] == "unavailable"
+    assert env.compile_mode().startswith("no Triton kernels to compile")

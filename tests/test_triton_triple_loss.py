@@ -183,6 +183,47 @@ def test_agrees_with_cpp_kernel(restrict):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter's kernels are what torch's analysis cannot read")
+def test_compile_probe_detects_an_analysis_that_finds_every_input_written():
+    """torch's analysis of user kernels needs them compiled to Triton IR; when it cannot (here: interpreted
+    kernels; on a GPU, Triton 3.6's runtime scalars, pytorch#170049), it reports every input as written, which
+    traced_compile_unsupported must catch."""
+    why = kernel_module.traced_compile_unsupported.__wrapped__()
+    assert why is not None and "writing" in why and "s_ptr" in why, why
+
+
+class _RecordingMode:
+    """Stands in for AOTAutograd's FunctionalTensorMode: records whether the rule handed the op to the mode
+    (the fake kernel: an opaque op) or traced the launcher under it."""
+
+    def __init__(self):
+        self.opaque = self.traced = False
+
+    def __torch_dispatch__(self, op, types, args, kwargs):
+        self.opaque = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("analysis_ok", [True, False], ids=["analysis-ok", "analysis-broken"])
+def test_compile_rule_keeps_the_op_opaque_when_the_analysis_is_broken(monkeypatch, analysis_ok):
+    monkeypatch.setattr(kernel_module, "traced_compile_unsupported",
+                        lambda: None if analysis_ok else "torch's kernel analysis failed")
+    mode = _RecordingMode()
+
+    def launcher(*args, traceable):
+        assert traceable
+        mode.traced = True
+
+    cuda_tensor = type("CudaTensor", (), {"device": torch.device("cuda")})()
+    kernel_module._trace_on_cuda(launcher)(mode, None, (), (cuda_tensor,), {})
+    assert (mode.traced, mode.opaque) == ((True, False) if analysis_ok else (False, True))
+
+
 @pytest.mark.skipif(not extension.AVAILABLE, reason="needs fastdistil._C (it defines the op's schema)")
 def test_register_cuda_kernel_is_idempotent():
     register_cuda_kernel()
