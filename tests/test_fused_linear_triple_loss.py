@@ -17,7 +17,7 @@ GRAD_OUTPUT = 1.7
 DIFFERENTIABLE = ("student_input", "student_weight", "student_bias", "student_hidden")
 
 
-def make_inputs(lead=(3, 23), dtype=torch.float32, bias=True, pad_from=17, seed=0, vocab=V):
+def make_inputs(lead=(3, 23), dtype=torch.float32, bias=True, pad_from=17, seed=0, vocab=V, dim=D):
     """Inputs as a model produces them: [B, L, D] projection inputs, [V, D] weights, the last 6 positions of
     every sequence padding (one of them labelled, which MLM still counts), ~30 % of real positions labelled."""
     gen = torch.Generator().manual_seed(seed)
@@ -30,9 +30,10 @@ def make_inputs(lead=(3, 23), dtype=torch.float32, bias=True, pad_from=17, seed=
     labels = torch.where(attention_mask.bool(), labels, -100)
     labels[..., -1] = 7
     return dict(
-        student_input=randn(*lead, D).requires_grad_(), student_weight=randn(vocab, D, scale=0.5).requires_grad_(),
+        student_input=randn(*lead, dim).requires_grad_(),
+        student_weight=randn(vocab, dim, scale=0.5 * (D / dim) ** 0.5).requires_grad_(),
         student_bias=randn(vocab, scale=0.1).requires_grad_() if bias else None,
-        teacher_input=randn(*lead, D), teacher_weight=randn(vocab, D, scale=0.5),
+        teacher_input=randn(*lead, dim), teacher_weight=randn(vocab, dim, scale=0.5 * (D / dim) ** 0.5),
         teacher_bias=randn(vocab, scale=0.1) if bias else None,
         labels=labels, student_hidden=randn(*lead, H).requires_grad_(), teacher_hidden=randn(*lead, H),
         attention_mask=attention_mask)
@@ -144,6 +145,31 @@ def test_fp16_gradients_under_a_grad_scaler(request, chunks):
         ours, theirs = (statistic(errors).item() for errors in row_errors)
         assert ours <= 2 * theirs, (f"student_weight: {statistic.__name__} relative error of a row {ours:.2e}, "
                                     f"PyTorch's {theirs:.2e}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_bert_shapes_on_cuda(dtype):
+    """What the trainer runs on a GPU: 16 x 128 rows of BERT's vocabulary and width in the default chunks, the
+    Triton loss kernel per chunk, against projecting and running the reference (float64 truth, the 2x rule in
+    16 bits, under the GradScaler's scale in fp16)."""
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported(including_emulation=False):
+        pytest.skip("no bf16 on this GPU")
+    inputs = {k: v.cuda() if v is not None else None
+              for k, v in make_inputs(lead=(16, 128), pad_from=110, vocab=30522, dim=768).items()}
+    grad_output = LOSS_SCALE if dtype == torch.float16 else GRAD_OUTPUT
+    terms, grads = terms_and_grads(fused, cast(inputs, dtype), grad_output)
+    truth = terms_and_grads(project_then_loss, cast(inputs, torch.float64), grad_output)
+    if dtype == torch.float32:
+        for name, a, e in zip(TERMS + DIFFERENTIABLE, terms + grads, truth[0] + truth[1]):
+            assert_close(a, e, FP32_GRAD_RTOL, name)
+        return
+    pytorch = terms_and_grads(functools.partial(project_then_loss, loss=fastdistil.triple_loss_reference),
+                              cast(inputs, dtype), grad_output)
+    for name, a, p, e in zip(TERMS + DIFFERENTIABLE, terms + grads, pytorch[0] + pytorch[1], truth[0] + truth[1]):
+        assert a.dtype == (torch.float32 if a.dim() == 0 else dtype), f"{name}: {a.dtype}"
+        assert_within_pytorch_error(a.float(), p.float(), e, name, floor=1e-3 if a.dim() == 0 else 0.0)
 
 
 def test_a_projector_tied_to_the_embeddings_accumulates_both_gradients():

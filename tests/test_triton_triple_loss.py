@@ -116,6 +116,18 @@ def test_fp16_gradients_under_a_grad_scaler(restrict):
     check_fp16_under_loss_scale(triton_loss, inputs, restrict_ce_to_mask=restrict)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
+def test_fp16_gradients_under_a_grad_scaler_at_full_size_on_cuda(restrict):
+    """The issue's case on the GPU: fp16 logits [64, 30522] (and DistilBERT's 16 x 128 rows), backpropagated
+    at the GradScaler's 65,536."""
+    for lead in ((64,), (16, 128)):
+        check_fp16_under_loss_scale(triton_loss, inputs_on_device(lead=lead, vocab=30522, dim=768,
+                                                                  dtype=torch.float16, seed=3, logit_std=4.0),
+                                    restrict_ce_to_mask=restrict)
+
+
 @pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
 @pytest.mark.parametrize("case", ["all-padding", "no-labels"])
 def test_empty_selections_give_zero(case, restrict):
