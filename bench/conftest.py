@@ -6,16 +6,23 @@ item here gets the `bench` marker, so `pytest tests bench -m "not bench"` also l
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+
+# The GPU benchmarks' dry run (FASTDISTIL_BENCH_TINY=1 without CUDA) runs the Triton kernels in Triton's
+# interpreter, a mode Triton fixes when it is first imported: before any suite (or transformers) imports it.
+if os.environ.get("FASTDISTIL_BENCH_TINY", "0") == "1" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 BENCH_DIR = Path(__file__).resolve().parent
 # The suites import their helpers (memory.py, bandwidth.py) by name, whatever pytest's import mode.
 sys.path.insert(0, str(BENCH_DIR))
 
 from bandwidth import copy_bandwidth as measure_copy_bandwidth  # noqa: E402
+from gpu import device_facts  # noqa: E402
 from machine import CpuContention, cpu_flags, cpu_model, git_revision  # noqa: E402
 
 _SESSION = {}  # what the fixtures measured, for the machine_info hook at the end of the session
@@ -41,6 +48,19 @@ def copy_bandwidth() -> float:
     return result["bytes_per_s"]
 
 
+@pytest.fixture(autouse=True)
+def _case_wall_time(request):
+    """Every benchmark's extra_info gets its case's wall time (inputs, models, compiles, warm-up and timing
+    together), what a time budget such as the GPU check's is spent on."""
+    start = time.perf_counter()
+    yield
+    benchmark = request.node.funcargs.get("benchmark")
+    if benchmark is not None:
+        benchmark.extra_info["case_wall_s"] = time.perf_counter() - start
+
+
+# optionalhook: without pytest-benchmark nobody defines this hook, and pytest would refuse to start.
+@pytest.hookimpl(optionalhook=True)
 def pytest_benchmark_update_machine_info(config, machine_info):
     import transformers
 
@@ -57,3 +77,5 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["fastdistil_cpu_isa"] = fastdistil.extension.cpu_isa()
     if "copy_bandwidth" in _SESSION:
         machine_info["copy_bandwidth"] = _SESSION["copy_bandwidth"]
+    if torch.cuda.is_available():
+        machine_info["gpu"] = device_facts(torch.device("cuda", torch.cuda.current_device()))

@@ -17,10 +17,15 @@ objects:
 - torch.optim.AdamW with the original's two parameter groups, betas (0.9, 0.98), torch's default (foreach)
   implementation, and transformers' linear warm-up schedule.
 
-Left out: the CLM and MSE terms (their weights are 0 in DistilBERT's recipe), multi-GPU, apex fp16,
+Left out: the CLM and MSE terms (their weights are 0 in DistilBERT's recipe), multi-GPU, apex itself,
 tensorboard and checkpoints (every 500 and 4000 steps in the original, not part of a step). `amp_dtype` is
-this port's one addition: bf16 runs the two forwards under torch.autocast and the loss on the logits as they
-come out, which is what "the same models with the reference loss" means in mixed precision.
+this port's one addition: bf16 or fp16 runs the two forwards under torch.autocast and the loss on the logits as
+they come out, which is what "the same models with the reference loss" means in mixed precision. fp16 also
+scales the loss with torch.amp.GradScaler, the modern equivalent of the original's --fp16 (apex amp, opt level
+O1, dynamic loss scaling: both start at 2^16 and halve on overflow): apex's scale_loss context unscaled the
+gradients on leaving it, before the clipping, and its patched optimizer skipped a step whose gradients
+overflowed, which is what scaler.unscale_ and scaler.step do, in the same places. In fp32 and bf16 the scaler
+is disabled and its calls are the plain backward and step.
 """
 
 import math
@@ -61,6 +66,8 @@ class Distiller:
             {"params": [p for n, p in params if not decays(n)], "weight_decay": 0.0},
         ]
         self.optimizer = torch.optim.AdamW(groups, lr=learning_rate, eps=adam_epsilon, betas=(0.9, 0.98))
+        self.scaler = torch.amp.GradScaler(next(student.parameters()).device.type,
+                                           enabled=amp_dtype == torch.float16)
         warmup_steps = math.ceil(num_train_optimization_steps * warmup_prop)
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, num_warmup_steps=warmup_steps, num_training_steps=num_train_optimization_steps)
@@ -118,12 +125,15 @@ class Distiller:
         self.n_sequences_epoch += input_ids.size(0)
 
     def optimize(self, loss: torch.Tensor) -> None:
-        """The NaN check, backward, clipping and the update (every step at gradient accumulation 1)."""
+        """The NaN check, backward, clipping and the update (every step at gradient accumulation 1), through the
+        loss scaler (a pass-through unless fp16)."""
         if (loss != loss).data.any():
             raise FloatingPointError("NaN detected")  # the original logs and calls exit()
-        loss.backward()
+        self.scaler.scale(loss).backward()
         self.n_iter += 1
+        self.scaler.unscale_(self.optimizer)
         nn.utils.clip_grad_norm_(self.student.parameters(), self.max_grad_norm)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad()
         self.scheduler.step()

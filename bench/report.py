@@ -4,12 +4,21 @@ PNG plots, the paper's published numbers beside ours.
     python bench/report.py [--results-dir bench/results] [--eval RUN_DIR/eval_wiki-topic.json ...]
                            [--out bench/results/REPORT.md] [--readme README.md]
 
-reads whichever of inference.json, train_step.json, triple_loss.json and fused_linear.json exist in the results
-folder (pytest --benchmark-json files of the bench/ suites; a missing one is named in the report, with the command
-that measures it) and the `python -m fastdistil.evaluate` outputs given with --eval, writes the report and its
-plots (inference.png, train_step.png, triple_loss.png, fused_linear.png, retention.png) next to it, and with
---readme replaces what stands between the README's `<!-- report:start -->` and `<!-- report:end -->` lines with
-the same report, its image links made relative to the README.
+reads whichever of inference.json, train_step.json, triple_loss.json, fused_linear.json (CPU), gpu.json and
+train_step_gpu.json (a GPU machine's test_bench_gpu.py and CUDA training step) exist in the results folder
+(pytest --benchmark-json files of the bench/ suites; a missing one is named in the report, with the command that
+measures it) and the `python -m fastdistil.evaluate` outputs given with --eval, writes the report and its plots
+(inference.png, train_step.png, triple_loss.png, fused_linear.png, gpu_kernels.png, gpu_train_step.png,
+retention.png; none with --no-plots) next to it, and with --readme replaces what stands between the README's
+`<!-- report:start -->` and `<!-- report:end -->` lines with the same report, its image links made relative to the
+README.
+
+The GPU section appears only when gpu.json or train_step_gpu.json holds results. Results from the GPU
+benchmarks' dry run (FASTDISTIL_BENCH_TINY=1 on a machine without CUDA: device "cpu" in those files) are still
+shown, so that the dry run exercises this section too, under a heading and a first paragraph that say they are a
+dry run on CPU and not GPU figures.
+
+    python bench/report.py --results-dir GPU_CHECK_OUT --out GPU_CHECK_OUT/REPORT.md --no-plots   # a GPU check
 """
 
 import argparse
@@ -22,8 +31,8 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
-from report_format import (BUSY, MB, bars, busy_note, fmt_ms, fmt_params, median, plot_against_n, pyplot,
-                           ratio, save, table, timing)
+from report_format import (BUSY, MB, bars, busy_note, fmt_mb, fmt_ms, fmt_params, fmt_rate, median, plot_against_n,
+                           pyplot, ratio, save, table, timing)
 
 BENCH_DIR = Path(__file__).resolve().parent
 README_START, README_END = "<!-- report:start -->", "<!-- report:end -->"
@@ -41,6 +50,9 @@ MEASURE = {
     "triple_loss": "python -m pytest bench/test_bench_triple_loss.py --benchmark-json bench/results/triple_loss.json",
     "fused_linear": "python -m pytest bench/test_bench_fused_linear.py --benchmark-json "
                     "bench/results/fused_linear.json",
+    "gpu": "python -m pytest bench/test_bench_gpu.py --benchmark-json bench/results/gpu.json",
+    "train_step_gpu": "python -m pytest bench/test_bench_train_step.py -k \"bf16 or fp16\" --benchmark-json "
+                      "bench/results/train_step_gpu.json",
 }
 
 
@@ -246,6 +258,19 @@ def step_groups(results: list[dict]) -> list[tuple[str, str, dict]]:
     return sorted(((p, s, g) for (p, s), g in groups.items()), key=lambda x: rank(DTYPE_ORDER)(x[0]))
 
 
+def step_tables(groups: list[tuple[str, str, dict]], level: str) -> list[str]:
+    """One table per (precision, setting) group, under a heading of `level`."""
+    cols = ["provider", "median step ms", "non-padding tokens/s", "vs distiller", "peak extra memory"]
+    parts = []
+    for prec, setting, by_provider in groups:
+        rows = [[label, timing(r), f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "–",
+                 ratio(r.get("tokens_per_s"), by_provider.get("distiller", {}).get("tokens_per_s")),
+                 fmt_mb(r["peak_extra_mb"] * MB)]
+                for p, (label, _) in STEP_PROVIDERS.items() if (r := by_provider.get(p))]
+        parts += [f"{level} {prec}: {setting}", "", *table(cols, rows), ""]
+    return parts
+
+
 def train_step_section(data: dict, results: list[dict], figure) -> list[str]:
     groups = step_groups(results)
     if not groups:
@@ -258,13 +283,7 @@ def train_step_section(data: dict, results: list[dict], figure) -> list[str]:
             parts += [f"**{prec}, {setting}:** fastdistil runs {speedup:.2f}× the original distiller's non-padding "
                       f"tokens/s (target ≥ {target}×: {'met' if speedup >= target else 'NOT met'})."
                       + floor_sentence(by_provider), ""]
-    cols = ["provider", "median step ms", "non-padding tokens/s", "vs distiller", "peak extra memory"]
-    for prec, setting, by_provider in groups:
-        rows = [[label, timing(r), f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "–",
-                 ratio(r.get("tokens_per_s"), by_provider.get("distiller", {}).get("tokens_per_s")),
-                 f"{r['peak_extra_mb']:,.0f} MB"]
-                for p, (label, _) in STEP_PROVIDERS.items() if (r := by_provider.get(p))]
-        parts += [f"### {prec}: {setting}", "", *table(cols, rows), ""]
+    parts += step_tables(groups, "###")
     parts += [
         "One optimizer step per timed round (pytest-benchmark `pedantic`, median of the rounds), each on the "
         "next of a fixed list of full-length batches from the bundled Wikipedia sample, masked as "
@@ -452,6 +471,213 @@ def plot_retention(path: Path, evals: list[dict]) -> None:
     save(fig, path)
 
 
+# GPU ----------------------------------------------------------------------------------------------------------
+
+GPU_SUITES = ("gpu", "train_step_gpu")  # read together into one section
+GPU_LOSS_PROVIDERS = {"triton": ("fused (fastdistil, Triton)", "tab:blue"), "eager": ("eager reference", "tab:red"),
+                      "compiled": ("torch.compile(reference)", "tab:orange"),
+                      "liger": ("Liger-Kernel KL + CE", "tab:purple")}
+ATTENTION_PROVIDERS = {"triton": ("fastdistil (Triton)", "tab:blue"), "sdpa_flash": ("SDPA flash", "tab:green"),
+                       "sdpa_efficient": ("SDPA memory-efficient", "tab:orange")}
+GPU_OPS = {"triple_loss": "triple loss", "fused_linear": "fused linear", "attention": "attention"}
+
+
+def gpu_ms(result: dict | None) -> float | None:
+    """do_bench's median in seconds (report_format's unit), None without a result."""
+    return result["median_ms"] / 1e3 if result else None
+
+
+def rate_of_peak(result: dict | None) -> str:
+    if not result:
+        return "–"
+    fraction = result.get("fraction_of_peak")
+    return fmt_rate(result["gbps"]) + (f" ({fraction:.0%})" if fraction is not None else "")
+
+
+def gpu_loss_part(results: list[dict]) -> list[str]:
+    tree = nested([r for r in results if r.get("op") == "triple_loss"], "dtype", "provider", "mode")
+    if not tree:
+        return []
+    first = any_result(tree)
+    cols = ["dtype", "provider", "forward ms", "forward + backward ms", "backward ms", "forward GB/s (of peak)",
+            "fwd + bwd GB/s (of peak)", "fwd + bwd vs eager", "peak extra memory"]
+    rows = []
+    for dtype, by_provider in by_dtype(tree):
+        eager = by_provider.get("eager", {}).get("full")
+        for provider, (label, _) in GPU_LOSS_PROVIDERS.items():
+            forward, full = (by_provider.get(provider, {}).get(mode) for mode in ("forward", "full"))
+            if not (forward or full):
+                continue
+            backward = gpu_ms(full) - gpu_ms(forward) if forward and full else None
+            rows.append([dtype, label, fmt_ms(gpu_ms(forward)), fmt_ms(gpu_ms(full)), fmt_ms(backward),
+                         rate_of_peak(forward), rate_of_peak(full), ratio(gpu_ms(eager), gpu_ms(full), "{:.1f}×"),
+                         fmt_mb(full and full["peak_extra_bytes"])])
+    return [f"### Triple loss: N = {first['N']:,} token rows, V = {first['V']:,}", "", *table(cols, rows, left=2),
+            "", f"Median of `{first['timer']}`. GB/s = the traffic floor 3·N·V·bytes (both logit tensors read, the "
+                f"gradient written once) / time, against {peak_sentence(first)}; the fused forward already writes the "
+                "gradient, its backward only rescales it in place. Backward = forward + backward − forward. Peak "
+                "extra memory: one forward + backward, the gradients it leaves included (`bench/memory.py`: "
+                "torch.cuda's peak counter on a GPU).", ""]
+
+
+def peak_sentence(result: dict) -> str:
+    if not result.get("peak_gbps"):
+        return f"no peak: the driver reports no memory clock to {result['peak_source']}"
+    return f"{fmt_rate(result['peak_gbps'])} GB/s ({result['peak_source']})"
+
+
+def gpu_linear_part(results: list[dict]) -> list[str]:
+    tree = nested([r for r in results if r.get("op") == "fused_linear"], "dtype", "provider")
+    if not tree:
+        return []
+    first = any_result(tree)
+    cols = ["dtype", "provider", "forward + backward ms", "matmul TFLOP/s", "peak extra memory",
+            "time / logits-then-fused", "memory / logits-then-fused"]
+    rows = []
+    for dtype, by_provider in by_dtype(tree):
+        logits = by_provider.get("project_fused")
+        for provider, (label, _) in LINEAR_PROVIDERS.items():
+            if r := by_provider.get(provider):
+                rows.append([dtype, label, fmt_ms(gpu_ms(r)), fmt_rate(r["tflops"]), fmt_mb(r["peak_extra_bytes"]),
+                             ratio(gpu_ms(r), gpu_ms(logits)),
+                             ratio(r["peak_extra_bytes"], logits and logits["peak_extra_bytes"], "{:.1%}")])
+    return [f"### Vocabulary projection + triple loss: N = {first['N']:,}, D = {first['D']}, V = {first['V']:,}", "",
+            *table(cols, rows, left=2), "",
+            f"Median of `{first['timer']}`, forward + backward with gradients for the student's input, weight, bias "
+            "and hidden state. TFLOP/s counts the four [N, D] × [D, V] products (both models' logits, the student's "
+            "input and weight gradients). Peak extra memory: one call (`bench/memory.py`).", ""]
+
+
+def gpu_attention_part(results: list[dict]) -> list[str]:
+    tree = nested([r for r in results if r.get("op") == "attention"], "dtype", "masked", "dropout_p", "provider",
+                  "mode")
+    if not tree:
+        return []
+    first = any_result(tree)
+    cols = ["dtype", "keys", "dropout", "provider", "forward ms", "backward ms", "forward TFLOP/s",
+            "backward TFLOP/s", "fwd + bwd vs SDPA memory-efficient"]
+    rows = []
+    for dtype, by_mask in by_dtype(tree):
+        for masked, by_dropout in sorted(by_mask.items()):
+            for dropout, by_provider in sorted(by_dropout.items()):
+                efficient = by_provider.get("sdpa_efficient", {})
+                for provider, (label, _) in ATTENTION_PROVIDERS.items():
+                    modes = by_provider.get(provider)
+                    if not modes:
+                        continue
+                    forward, backward = modes.get("forward"), modes.get("backward")
+                    rows.append([dtype, "10 % padding masked" if masked else "dense", f"{dropout:g}", label,
+                                 fmt_ms(gpu_ms(forward)), fmt_ms(gpu_ms(backward)),
+                                 fmt_rate(forward and forward["tflops"]), fmt_rate(backward and backward["tflops"]),
+                                 ratio(fwd_bwd(efficient), fwd_bwd(modes))])
+    shape = f"B × H × L × Dh = {first['B']} × {first['H']} × {first['L']} × {first['Dh']}"
+    return [f"### Attention: {shape}", "", *table(cols, rows, left=4), "",
+            f"Median of `{first['timer']}`; backward timed alone (`retain_graph`). TFLOP/s from the dense count "
+            "4·B·H·L²·Dh forward, 2.5× that backward (FlashAttention's convention, with padding too). SDPA "
+            "restricted to one backend; its flash kernel takes no mask.", ""]
+
+
+def fwd_bwd(modes: dict) -> float | None:
+    forward, backward = gpu_ms(modes.get("forward")), gpu_ms(modes.get("backward"))
+    return forward + backward if forward and backward else None
+
+
+def gpu_step_part(data: dict, results: list[dict], figure, suffix: str) -> list[str]:
+    groups = step_groups(results)
+    if not groups:
+        return []
+    skipped = [f"{prec} {STEP_PROVIDERS[p][0]}: {r['skipped_steps']}" for prec, _, by_provider in groups
+               for p, r in by_provider.items() if r.get("skipped_steps")]
+    return ["### Training step: fastdistil against the original distiller", "", *step_tables(groups, "####"),
+            "The CPU section's providers, batches and method; on CUDA every timed step ends with "
+            "`torch.cuda.synchronize` and memory comes from torch.cuda's peak counter. fp16 scales the loss with "
+            "`torch.amp.GradScaler` on both sides (the original used apex's dynamic loss scaling), after steps "
+            "that settle the scale." + (" Steps whose update the scaler still skipped (cheaper steps) after that: "
+                                        + "; ".join(skipped) + "." if skipped else ""),
+            *busy_note(results, data, "step"), "",
+            figure("gpu_train_step", f"training tokens/s and memory by provider{suffix}", plot_train_step, groups),
+            ""]
+
+
+def is_dry_run(results: list[dict]) -> bool:
+    """The GPU benchmarks' dry run writes the GPU files with CPU results."""
+    return any(r.get("device") != "cuda" for r in results)
+
+
+def gpu_description(results: list[dict]) -> list[str]:
+    """The section's heading and what it was measured on; a dry run says so before anything."""
+    if is_dry_run(results):
+        return ["## GPU benchmarks: DRY RUN on CPU, not GPU figures", "",
+                "**Dry run:** these results come from `FASTDISTIL_BENCH_TINY=1` on a machine without CUDA (`bash "
+                "scripts/gpu_check.sh --dry-run`): tiny shapes on CPU tensors, the Triton kernels in Triton's "
+                "interpreter, wall-clock timings of single calls, SDPA's math kernel where the CPU has no flash or "
+                "memory-efficient one, torch.compile through `aot_eager`, this CPU's copy bandwidth in place of a "
+                "GPU's DRAM peak. They show that every GPU benchmark and this section run; they measure nothing "
+                "about a GPU.", ""]
+    setups = sorted({(r["gpu"], r["capability"], r.get("gpu_memory_gb"), r.get("driver"), r["cuda"], r["torch"],
+                      r["triton"]) for r in results}, key=str)
+    lines = [f"{gpu} ({capability}, {memory:.0f} GB), driver {driver or '?'}, CUDA {cuda}, torch {torch_version}, "
+             f"Triton {triton}" for gpu, capability, memory, driver, cuda, torch_version, triton in setups]
+    heading = f"## GPU: {' / '.join(sorted({r['gpu'] for r in results}))}"
+    tiny = ([" **Tiny shapes** (`FASTDISTIL_BENCH_TINY=1`): a smoke run, not the benchmarks' sizes."]
+            if any(r.get("tiny") for r in results) else [])
+    return [heading, "", "Measured on " + "; ".join(lines) + "." + "".join(tiny), ""]
+
+
+def wall_times(results: list[dict], steps: list[dict]) -> list[str]:
+    """Where the run's time went, per group: what a GPU check's time budget is made of."""
+    totals = defaultdict(float)
+    for r in results:
+        totals[GPU_OPS.get(r.get("op"), "other")] += r.get("case_wall_s") or 0
+    totals["training step"] = sum(r.get("case_wall_s") or 0 for r in steps)
+    if not any(totals.values()):
+        return []
+    return ["Wall time of the cases (inputs, models, compiles and Triton's JIT, warm-up and timing; not pytest's "
+            "start-up): " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in totals.items() if seconds)
+            + f"; {sum(totals.values()):.0f} s in all.", ""]
+
+
+def gpu_section(runs: dict[str, tuple[dict, list[dict]]], figure) -> list[str]:
+    """The loss, the fused linear, attention and the training step on a GPU, from gpu.json (bench/
+    test_bench_gpu.py) and train_step_gpu.json (bench/test_bench_train_step.py on CUDA)."""
+    kernels = runs.get("gpu", ({}, []))[1]
+    step_data, step_results = runs.get("train_step_gpu", ({}, []))
+    steps = [r for r in step_results if "provider" in r]
+    if not kernels and not steps:
+        return []
+    suffix = " (dry run on CPU, not GPU figures)" if is_dry_run(kernels + steps) else ""
+    parts = [*gpu_description(kernels + steps), *gpu_loss_part(kernels), *gpu_linear_part(kernels),
+             *gpu_attention_part(kernels)]
+    if any(r.get("op") in ("triple_loss", "attention") for r in kernels):
+        parts += [figure("gpu_kernels", f"GPU loss and attention times by provider{suffix}", plot_gpu_kernels,
+                         kernels, suffix), ""]
+    return parts + gpu_step_part(step_data, steps, figure, suffix) + wall_times(kernels, steps)
+
+
+def plot_gpu_kernels(path: Path, results: list[dict], suffix: str) -> None:
+    """Forward + backward time per provider: the loss by dtype (left), attention by configuration (right)."""
+    loss = nested([r for r in results if r.get("op") == "triple_loss" and r["mode"] == "full"], "dtype", "provider")
+    attention = nested([r for r in results if r.get("op") == "attention"], "dtype", "masked", "dropout_p",
+                       "provider", "mode")
+    configs = [(f"{dtype}\n{'masked' if masked else 'dense'}, p={dropout:g}", by_provider)
+               for dtype, by_mask in by_dtype(attention) for masked, by_dropout in sorted(by_mask.items())
+               for dropout, by_provider in sorted(by_dropout.items())]
+    dtypes = [dtype for dtype, _ in by_dtype(loss)]
+    panels = [(dtypes, {label: ([(gpu_ms(loss[d].get(p)) or 0) * 1e3 for d in dtypes], color)
+                        for p, (label, color) in GPU_LOSS_PROVIDERS.items() if any(p in loss[d] for d in dtypes)},
+               f"triple loss{suffix}"),
+              ([label for label, _ in configs],
+               {label: ([(fwd_bwd(by_provider.get(p, {})) or 0) * 1e3 for _, by_provider in configs], color)
+                for p, (label, color) in ATTENTION_PROVIDERS.items() if any(p in by for _, by in configs)},
+               f"attention{suffix}")]
+    panels = [panel for panel in panels if panel[0]]
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+    for ax, (labels, series, title) in zip(axes[0], panels):
+        bars(ax, labels, series, "forward + backward ms", title)
+    save(fig, path)
+
+
 # The report -------------------------------------------------------------------------------------------------
 
 SUITES = {"inference": inference_section, "train_step": train_step_section, "triple_loss": triple_loss_section,
@@ -518,12 +744,13 @@ def build(results_dir: Path, eval_paths: list[Path], figure) -> tuple[str, list[
     """The report's markdown and the inputs it lacks; `figure(name, alt, plot, *args, **kwargs)` writes a plot and
     returns its link."""
     runs, missing = {}, []
-    for name in SUITES:
+    for name in (*SUITES, *GPU_SUITES):
         path = results_dir / f"{name}.json"
         if path.exists():
             runs[name] = load_suite(path)
         else:
-            missing.append(f"- {name}: {path.name} not found; measure it with `{MEASURE[name]}`")
+            where = " on a GPU machine (`bash scripts/gpu_check.sh` runs it)" if name in GPU_SUITES else ""
+            missing.append(f"- {name}: {path.name} not found; measure it{where} with `{MEASURE[name]}`")
     evals = []
     for path in eval_paths:
         if path.exists():
@@ -536,11 +763,15 @@ def build(results_dir: Path, eval_paths: list[Path], figure) -> tuple[str, list[
                        "RUN_DIR/eval_wiki-topic.json`")
     sections = []
     for name, (data, results) in runs.items():
-        section = SUITES[name](data, results, figure)
-        if section:
-            sections += section + [""]
+        if name in GPU_SUITES:  # both go into one section, below
+            found = bool(results)
         else:
+            section = SUITES[name](data, results, figure)
+            sections += section + [""] if section else []
+            found = bool(section)
+        if not found:
             missing.append(f"- {name}: {results_dir / f'{name}.json'} holds no {name} results")
+    sections += gpu_section({name: runs[name] for name in GPU_SUITES if name in runs}, figure) + [""]
     sections += retention_section(evals, figure)
     parts = ["## fastdistil beside the paper", "", *paper_summary(runs, evals), ""]
     if runs:
@@ -584,6 +815,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, help="the report (default: RESULTS_DIR/REPORT.md); plots go beside it")
     parser.add_argument("--readme", type=Path,
                         help=f"also put the report between the {README_START} and {README_END} lines of this file")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="tables only, no PNG files (the GPU check hands back a handful of files)")
     args = parser.parse_args(argv)
     out = args.out or args.results_dir / "REPORT.md"
     readme_text = args.readme.read_text() if args.readme else None
@@ -593,6 +826,8 @@ def main(argv=None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
 
         def figure(name, alt, plot, *plot_args, **plot_kwargs):
+            if args.no_plots:
+                return ""
             plot(out.parent / f"{name}.png", *plot_args, **plot_kwargs)
             return f"![{alt}]({name}.png)"
 

@@ -17,7 +17,21 @@ def fmt_ms(seconds: float | None) -> str:
     if seconds is None:
         return "–"
     ms = seconds * 1e3
-    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
+
+
+def fmt_rate(value: float | None) -> str:
+    """A GB/s or TFLOP/s figure: whole numbers from 100 up, three significant digits below."""
+    if value is None:
+        return "–"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def fmt_mb(nbytes: float | None) -> str:
+    if nbytes is None:
+        return "–"
+    mb = nbytes / MB
+    return f"{mb:,.0f} MB" if mb >= 10 else f"{mb:.2g} MB"
 
 
 def timing(result: dict | None, seconds: float | None = None) -> str:

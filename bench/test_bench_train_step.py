@@ -14,23 +14,39 @@ Providers, each from the same weights on the same batches, one optimizer step pe
                              show on this machine.
 
 Teacher: BertForMaskedLM with bert-base's config and seeded random weights; student: make_student(teacher),
-6 layers from teacher layers 0, 2, 4, 7, 9, 11. Batches: 8 x 128 from the bundled Wikipedia sample, masked as
-the trainer masks them. fp32, and bf16 (torch.autocast around both forwards).
+6 layers from teacher layers 0, 2, 4, 7, 9, 11. Batches: 8 x 128 on CPU, 32 x 128 on CUDA, from the bundled
+Wikipedia sample, masked as the trainer masks them. fp32, bf16 and fp16 (torch.autocast around both forwards;
+fp16 with a torch.amp.GradScaler on both sides, as `--precision fp16` trains and as the original distiller
+scaled its loss with apex).
 
-    python -m pytest bench/test_bench_train_step.py --benchmark-json bench/results/train_step.json
-    python -m pytest bench/test_bench_train_step.py -k fp32      # precision and provider are in every test id
+    python -m pytest bench/test_bench_train_step.py -k fp32 --benchmark-json bench/results/train_step.json
+    python -m pytest bench/test_bench_train_step.py -k "bf16 or fp16" --durations=0 \
+        --benchmark-json bench/results/train_step_gpu.json     # on a GPU machine: the CUDA run
     FASTDISTIL_BENCH_TINY=1 python -m pytest bench/test_bench_train_step.py      # smoke test: tiny models
-    python bench/report.py    # its training-step section, in bench/results/REPORT.md
+    python bench/report.py    # its training-step sections, in bench/results/REPORT.md
 
-FASTDISTIL_BENCH_ROUNDS=N sets the timed rounds of every case (default: fp32 5, bf16 2; a full-size fp32 step
-takes 10-14 s on two idle AVX2 cores, a bf16 one about 6 min there, without bf16 arithmetic in the CPU; the
-matmul_floor case first records one distiller step, outside the timing).
-FASTDISTIL_BENCH_TINY=1 swaps in a tiny teacher (hidden 64, 4 layers) and 2 x 32 batches.
-test_distiller_step_matches_fastdistil, not a benchmark, checks that the baseline computes what fastdistil
-computes.
+The device is CUDA when there is one, else the CPU; FASTDISTIL_BENCH_DEVICE=cpu (or cuda:1, ...) overrides it.
+Precision and provider are in every test id, the device in the group and the results. On CUDA every timed
+step ends with torch.cuda.synchronize (the step's kernels are part of its time) and memory comes from
+torch.cuda's peak counter (bench/memory.py); the results carry the GPU, driver, CUDA, torch and Triton
+(bench/gpu.py). The CUDA run of 10 cases (bf16 and fp16, every provider) is estimated at ~30 s on an H100,
+not measured yet: bert-base construction ~3 s, the batches ~3 s, then per case the student, 2 warm-up and 10
+timed steps of ~20-50 ms (the models' ~2.5 TFLOP at a fraction of the tensor cores' rate, launch-bound
+kernels) and one more for memory, ~1-2 s each. In fp16 each case first runs steps until two in a row keep the
+loss scale (settle_loss_scale): the first steps overflow the initial 2^16 and skip their update; the results
+record those steps (settle_steps), the final scale and any update skipped after them (skipped_steps).
 
-Every result's extra_info holds the precision, provider, batch shape, non-padding tokens per batch and per
-second (mean tokens of the timed batches / median step time), the peak extra memory of one step
+FASTDISTIL_BENCH_ROUNDS=N sets the timed rounds of every case (default on CPU: fp32 5, bf16 and fp16 2; a
+full-size fp32 step takes 10-14 s on two idle AVX2 cores, a bf16 one about 6 min there, without bf16
+arithmetic in the CPU, so fp16 runs on a CPU only in tiny runs; on CUDA 10; the matmul_floor case first records
+one distiller step, outside the timing).
+FASTDISTIL_BENCH_TINY=1 swaps in a tiny teacher (hidden 64, 4 layers) and 2 x 32 batches: with -k "bf16 or
+fp16" on a CPU it is the dry run of the CUDA run (scripts/gpu_check.sh --dry-run), ~15 s on two shared cores.
+test_distiller_step_matches_fastdistil, not a benchmark, checks on CPU that the baseline computes what
+fastdistil computes.
+
+Every result's extra_info holds the device, precision, provider, batch shape, non-padding tokens per batch and
+per second (mean tokens of the timed batches / median step time), the peak extra memory of one step
 (bench/memory.py), the models' sizes and the other processes' share of the CPUs while it ran.
 """
 
@@ -52,30 +68,39 @@ from fastdistil import data
 from fastdistil.mlm_head import ProjectionInputs
 from fastdistil.student import make_student
 from fastdistil.train import TrainConfig, make_optimizer, train_step
+from gpu import device_facts
 from machine import CpuContention, load_average
 from memory import peak_extra_bytes
 
 TINY = os.environ.get("FASTDISTIL_BENCH_TINY", "0") == "1"
+DEVICE = torch.device(os.environ.get("FASTDISTIL_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+CUDA = DEVICE.type == "cuda"
+CPU = torch.device("cpu")
 SEED = 0
 VOCAB = 30522  # the bundled tokenizer's: the ids of real text index the teacher's embeddings
 # BertConfig's defaults are bert-base (hidden 768, 12 layers, 12 heads, intermediate 3072).
 TINY_TEACHER = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128)
 TINY_BATCH = (2, 32)  # (batch size, sequence length)
-BATCH = TINY_BATCH if TINY else (8, 128)
+BATCH = TINY_BATCH if TINY else (32, 128) if CUDA else (8, 128)  # a GPU needs more rows to be busy
 N_BATCHES = 8  # the fixed batches every provider cycles through, in the same order
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # autocast dtype, as fastdistil.train maps --precision
+# autocast dtype, as fastdistil.train maps --precision
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROVIDERS = ("distiller", "fastdistil", "fastdistil_fused_logits", "fastdistil_reference_loss", "matmul_floor")
 LOSS_OF = {"fastdistil": "fused", "fastdistil_fused_logits": "fused-logits", "fastdistil_reference_loss": "reference"}
-ROUNDS = {"fp32": 5, "bf16": 2}
+ROUNDS = dict.fromkeys(PRECISIONS, 10) if CUDA else {"fp32": 5, "bf16": 2, "fp16": 2}
 if "FASTDISTIL_BENCH_ROUNDS" in os.environ:
     ROUNDS = dict.fromkeys(ROUNDS, int(os.environ["FASTDISTIL_BENCH_ROUNDS"]))
-WARMUP_ROUNDS = 1
+SETTLED_STEPS, MAX_SETTLE_STEPS = 2, 20
+WARMUP_ROUNDS = 2 if CUDA else 1  # CUDA: the first steps also pick cuBLAS kernels and grow the allocator's pool
 # The schedule of a run this long; the benchmark times its first steps (in warm-up, where lr is small: the
 # optimizer does the same work at any lr).
 SCHEDULE_STEPS = 1000
 RECIPE_LR = 5e-4  # the distiller's default, given to both sides
 
-CASES = [(precision, provider) for precision in PRECISIONS for provider in PROVIDERS]
+# A full-size fp16 step on a CPU takes minutes, like bf16, and nobody trains so there: fp16 runs on CUDA and in
+# tiny runs (which include the CUDA run's dry run).
+CASES = [(precision, provider) for precision in PRECISIONS if precision != "fp16" or CUDA or TINY
+         for provider in PROVIDERS]
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,14 +127,21 @@ def load_batches(batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, torc
 
 
 @functools.lru_cache(maxsize=None)
-def make_teacher(tiny: bool) -> BertForMaskedLM:
+def batches_on(device: torch.device, batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, ...]]:
+    return [tuple(t.to(device) for t in batch) for batch in load_batches(batch_size, seq_len)]
+
+
+@functools.lru_cache(maxsize=None)
+def make_teacher(tiny: bool, device: torch.device) -> BertForMaskedLM:
+    """The same seeded weights on any device: built on CPU, then moved."""
     torch.manual_seed(SEED)
     config = BertConfig(vocab_size=VOCAB, layer_norm_eps=1e-12, **(TINY_TEACHER if tiny else {}))
-    return BertForMaskedLM(config).eval().requires_grad_(False)
+    return BertForMaskedLM(config).eval().requires_grad_(False).to(device)
 
 
 def make_step(provider: str, precision: str, student, teacher, warmup: float = TrainConfig.warmup):
-    """The callable that runs one optimizer step of `provider` on a batch and returns the loss."""
+    """(the callable that runs one optimizer step of `provider` on a batch and returns the loss, its
+    GradScaler or None)."""
     amp_dtype = PRECISIONS[precision]
     if provider == "distiller":
         distiller = Distiller(student, teacher, SCHEDULE_STEPS, learning_rate=RECIPE_LR, warmup_prop=warmup,
@@ -119,11 +151,12 @@ def make_step(provider: str, precision: str, student, teacher, warmup: float = T
             distiller.step(*batch)
             return distiller.last_loss
 
-        return distiller_step
+        return distiller_step, distiller.scaler
 
     if provider == "matmul_floor":
-        distiller_step = make_step("distiller", precision, student, teacher, warmup)
-        return matmul_floor.Replay(matmul_floor.record(distiller_step, load_batches(*BATCH)[0]))
+        distiller_step, _ = make_step("distiller", precision, student, teacher, warmup)
+        device = next(student.parameters()).device
+        return matmul_floor.Replay(matmul_floor.record(distiller_step, batches_on(device, *BATCH)[0])), None
 
     if provider not in LOSS_OF:
         raise ValueError(f"unknown provider {provider!r}")
@@ -133,33 +166,61 @@ def make_step(provider: str, precision: str, student, teacher, warmup: float = T
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup * SCHEDULE_STEPS),
                                                 SCHEDULE_STEPS)
     student_inputs, teacher_inputs = ProjectionInputs(student), ProjectionInputs(teacher)
+    scaler = torch.amp.GradScaler(next(student.parameters()).device.type, enabled=precision == "fp16")
 
-    # The trainer's step at grad-accum 1 on one process (its GradScaler is off in fp32 and bf16).
+    # The trainer's step at grad-accum 1 on one process (its GradScaler is a pass-through unless fp16).
     def fastdistil_step(batch):
         terms = train_step(student_inputs, teacher_inputs, batch, cfg, amp_dtype)
-        terms.loss.backward()
+        scaler.scale(terms.loss).backward()
         logged = torch.stack([t.detach().float().cpu() for t in terms])  # what it keeps for its log
         if torch.isfinite(logged[0]):  # it skips the update of a NaN/inf step
+            scaler.unscale_(optimizer)
             clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         return logged[0]
 
-    return fastdistil_step
+    return fastdistil_step, scaler
+
+
+def settle_loss_scale(step, scaler, batches) -> int:
+    """Runs steps until SETTLED_STEPS in a row keep the loss scale (at most MAX_SETTLE_STEPS), and returns how
+    many it ran: in fp16 the first steps overflow GradScaler's initial 2^16 (as they did under apex) and skip
+    their update, which would make the timed steps of one side cheaper than the other's. The scale only grows
+    after 2000 clean steps, so from here on every halving is a skipped step."""
+    kept = 0
+    for n in range(1, MAX_SETTLE_STEPS + 1):
+        scale = scaler.get_scale()
+        step(next(batches))
+        kept = kept + 1 if scaler.get_scale() == scale else 0
+        if kept == SETTLED_STEPS:
+            break
+    return n
+
+
+def synchronized(step):
+    """step, waiting for the kernels it queued: on CUDA they are part of its time."""
+    def step_and_wait(batch):
+        loss = step(batch)
+        torch.cuda.synchronize(DEVICE)
+        return loss
+
+    return step_and_wait
 
 
 def test_distiller_step_matches_fastdistil():
     """The baseline computes what fastdistil computes: two steps of each from the same weights on the same
     batches give the same losses and the same updated weights (fp32, tiny models). Dropout is the one random
     part of a step, so both students run in eval mode here."""
-    teacher = make_teacher(tiny=True)
+    teacher = make_teacher(True, CPU)
     batches = load_batches(*TINY_BATCH)[:2]
     initial = {name: p.clone() for name, p in make_student(teacher).named_parameters()}
     losses, weights = {}, {}
     for provider in ("distiller", "fastdistil"):
         student = make_student(teacher).eval()
-        step = make_step(provider, "fp32", student, teacher, warmup=0.0)  # lr > 0 from the first step
+        step, _ = make_step(provider, "fp32", student, teacher, warmup=0.0)  # lr > 0 from the first step
         losses[provider] = [float(step(batch)) for batch in batches]
         weights[provider] = {name: p.detach() for name, p in student.named_parameters()}
 
@@ -176,10 +237,15 @@ def test_distiller_step_matches_fastdistil():
 
 @pytest.mark.parametrize("precision,provider", CASES, ids=[f"{prec}-{prov}" for prec, prov in CASES])
 def test_train_step(benchmark, copy_bandwidth, precision, provider):
-    teacher = make_teacher(TINY)
-    student = make_student(teacher).train()  # the same weights for every provider: copied from the teacher
-    step = make_step(provider, precision, student, teacher)
-    batches = itertools.cycle(load_batches(*BATCH))
+    teacher = make_teacher(TINY, DEVICE)
+    student = make_student(teacher).to(DEVICE).train()  # every provider starts from the teacher's weights
+    step, scaler = make_step(provider, precision, student, teacher)
+    timed = synchronized(step) if CUDA else step
+    batches = itertools.cycle(batches_on(DEVICE, *BATCH))
+    scaling = scaler is not None and scaler.is_enabled()
+    if scaling:
+        settle_steps = settle_loss_scale(timed, scaler, batches)
+        scale = scaler.get_scale()
     tokens = []  # non-padding tokens of each batch handed to a round
 
     def next_batch():
@@ -188,19 +254,19 @@ def test_train_step(benchmark, copy_bandwidth, precision, provider):
         return (batch,), {}
 
     rounds = ROUNDS[precision]
-    benchmark.group = f"train_step {precision}"
+    benchmark.group = f"train_step {DEVICE.type} {precision}"
     with CpuContention() as contention:
-        benchmark.pedantic(step, setup=next_batch, rounds=rounds, warmup_rounds=WARMUP_ROUNDS, iterations=1)
+        benchmark.pedantic(timed, setup=next_batch, rounds=rounds, warmup_rounds=WARMUP_ROUNDS, iterations=1)
     # Other processes' share of the CPUs while this ran: timings taken on a busy machine are not the step's.
     benchmark.extra_info.update(other_cpu_fraction=contention.other_fraction, load_average=load_average())
     # After the timing, on the next batch: the AdamW moments exist by now, so this is what a step allocates
     # over what training holds between steps (weights and moments; zero_grad frees the gradients).
-    peak = peak_extra_bytes(step, next(batches))
+    peak = peak_extra_bytes(timed, next(batches), device=DEVICE)
 
     tokens_per_batch = statistics.mean(tokens[-rounds:])
     stats = benchmark.stats.stats if benchmark.stats else None  # None under --benchmark-disable
     benchmark.extra_info.update(
-        precision=precision, provider=provider, tiny=TINY,
+        **device_facts(DEVICE), precision=precision, provider=provider, tiny=TINY,
         batch_size=BATCH[0], seq_len=BATCH[1],
         tokens_per_batch=tokens_per_batch,
         tokens_per_s=tokens_per_batch / stats.median if stats else None,
@@ -214,5 +280,9 @@ def test_train_step(benchmark, copy_bandwidth, precision, provider):
         torch_threads=torch.get_num_threads(),
         cpu_isa=fastdistil.extension.cpu_isa(),
     )
+    if scaling:
+        # Steps whose update the scaler skipped after the settling: warm-up, timed and memory steps.
+        benchmark.extra_info.update(settle_steps=settle_steps, loss_scale=scaler.get_scale(),
+                                    skipped_steps=round(math.log2(scale / scaler.get_scale())))
     if isinstance(step, matmul_floor.Replay):
         benchmark.extra_info["matmul_gflop"] = matmul_floor.flops(step.calls) / 1e9

@@ -59,6 +59,63 @@ def fused_linear_results() -> list[tuple[float, dict]]:
             for n in (2048, 8192) for p in peaks]
 
 
+GPU = {"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "capability": "sm90", "driver": "570.124.06",
+       "cuda": "13.0", "torch": "2.11.0+cu130", "triton": "3.6.0", "gpu_memory_gb": 85.0, "sm_count": 132,
+       "peak_dram_gbps": 3352.3, "tiny": False}
+DRY_RUN = {**dict.fromkeys(GPU), "device": "cpu", "torch": "2.13.0+cpu", "triton": "3.9.0", "tiny": True}
+LOSS_BYTES = 3 * 8192 * 30522 * 2  # the bf16 traffic floor at N = 8192
+
+
+def gpu_results(facts: dict) -> list[tuple[float, dict]]:
+    """test_bench_gpu's bf16 results, each do_bench median (ms) with what that file records beside it; the
+    pytest-benchmark median (seconds) is the measurement's wall time, which the report must not read as the op's."""
+    def result(ms, **info):
+        return 0.25, dict(median_ms=ms, p20_ms=0.9 * ms, p80_ms=1.1 * ms, timer="triton.testing.do_bench",
+                          dtype="bf16", case_wall_s=2.0, **facts, **info)
+
+    results = []
+    for provider, (forward, full, peak) in {"triton": (0.5, 0.8, 1.5e9), "eager": (5.0, 12.0, 6e9),
+                                            "compiled": (2.0, 4.0, 3e9)}.items():
+        for mode, ms in (("forward", forward), ("full", full)):
+            gbps = LOSS_BYTES / ms / 1e6
+            results.append(result(ms, op="triple_loss", N=8192, V=30522, provider=provider, mode=mode,
+                                  floor_bytes=LOSS_BYTES, gbps=gbps, peak_gbps=3352.3,
+                                  peak_source="triton.testing.get_dram_gbps", fraction_of_peak=gbps / 3352.3,
+                                  peak_extra_bytes=peak))
+    flops = 8 * 8192 * 768 * 30522
+    for provider, (ms, peak) in {"fused_linear": (6.0, 150e6), "project_fused": (5.0, 1500e6),
+                                 "reference": (15.0, 4000e6)}.items():
+        results.append(result(ms, op="fused_linear", N=8192, V=30522, D=768, provider=provider, mode="full",
+                              peak_extra_bytes=peak, nv_fp32_bytes=8192 * 30522 * 4, matmul_flops=flops,
+                              tflops=flops / ms / 1e9))
+    forward_flops = 4 * 32 * 12 * 512**2 * 64
+    times = {"triton": (0.1, 0.3), "sdpa_flash": (0.08, 0.25), "sdpa_efficient": (0.15, 0.4)}
+    for masked in (False, True):
+        for dropout_p in (0.0, 0.1):
+            for provider, (forward, backward) in times.items():
+                if masked and provider == "sdpa_flash":
+                    continue  # the flash kernel takes no mask
+                for mode, ms, flops in (("forward", forward, forward_flops), ("backward", backward,
+                                                                               2.5 * forward_flops)):
+                    results.append(result(ms, op="attention", B=32, H=12, L=512, Dh=64, masked=masked,
+                                          dropout_p=dropout_p, provider=provider, mode=mode, flops=flops,
+                                          tflops=flops / ms / 1e9, sdpa_backends=None))
+    return results
+
+
+def gpu_step_results(facts: dict) -> list[tuple[float, dict]]:
+    """test_bench_train_step's CUDA results: 4,000 non-padding tokens per 32 x 128 batch."""
+    seconds = {("bf16", "distiller"): 0.1, ("bf16", "fastdistil"): 0.08, ("fp16", "distiller"): 0.1,
+               ("fp16", "fastdistil"): 0.05}
+    return [(s, dict(precision=precision, provider=provider, batch_size=32, seq_len=128,
+                     tokens_per_batch=4000, tokens_per_s=4000 / s, peak_extra_mb=3000.0 if provider == "distiller"
+                     else 1200.0, teacher_params=109_514_298, student_params=66_985_530, teacher_layers=12,
+                     student_layers=6, hidden_size=768, case_wall_s=3.0,
+                     **({"settle_steps": 4, "loss_scale": 8192.0, "skipped_steps": int(provider == "fastdistil")}
+                        if precision == "fp16" else {}), **facts))
+            for (precision, provider), s in seconds.items()]
+
+
 def eval_output(path: Path, teacher=0.8, student=0.76, random_student=0.4, **extra) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"teacher": teacher, "student": student, "random_student": random_student,
@@ -75,6 +132,8 @@ def results_dir(tmp_path) -> Path:
         shutil.copy(BENCH_DIR / "results" / name, out / name)
     bench_json(out / "inference.json", inference_results(teacher_s=2.0, student_s=1.2))
     bench_json(out / "fused_linear.json", fused_linear_results())
+    bench_json(out / "gpu.json", gpu_results(GPU))
+    bench_json(out / "train_step_gpu.json", gpu_step_results(GPU))
     return out
 
 
@@ -88,9 +147,10 @@ def test_report_has_every_section_table_and_plot(results_dir, tmp_path):
     report.main(["--results-dir", str(results_dir), "--eval", str(eval_path)])
     text = (results_dir / "REPORT.md").read_text()
 
-    for heading in ("## fastdistil beside the paper", "## Size and inference latency", "## Training step",
-                    "## Triple loss", "## Vocabulary projection + triple loss", "## Downstream retention"):
-        assert heading in text
+    headings = ("## fastdistil beside the paper", "## Size and inference latency", "## Training step",
+                "## Triple loss", "## Vocabulary projection + triple loss", "## GPU: NVIDIA H100 80GB HBM3",
+                "## Downstream retention")
+    assert [text.index(heading) for heading in headings] == sorted(text.index(heading) for heading in headings)
     assert "Not in this report" not in text
     # The paper's numbers, and ours computed from the inputs: student / teacher time 1.2 / 2.0 = 0.60.
     assert "410 s / 668 s = 0.61" in text and "110.0 M → 66.0 M (40% fewer)" in text and "77.0 / 79.5 = 97%" in text
@@ -108,8 +168,8 @@ def test_report_has_every_section_table_and_plot(results_dir, tmp_path):
     assert "| 5.24.0 |" in text
 
     links = image_links(text)
-    assert sorted(links) == ["fused_linear.png", "inference.png", "retention.png", "train_step.png",
-                             "triple_loss.png"]
+    assert sorted(links) == ["fused_linear.png", "gpu_kernels.png", "gpu_train_step.png", "inference.png",
+                             "retention.png", "train_step.png", "triple_loss.png"]
     for link in links:
         assert (results_dir / link).read_bytes().startswith(PNG_MAGIC)
 
@@ -122,6 +182,9 @@ def test_missing_inputs_are_named_not_fatal(tmp_path):
     text = out.read_text()
     for name in ("inference", "train_step", "triple_loss", "fused_linear"):
         assert f"- {name}: {name}.json not found; measure it with `python -m pytest" in text
+    for name in ("gpu", "train_step_gpu"):
+        assert f"- {name}: {name}.json not found; measure it on a GPU machine" in text
+    assert "## GPU" not in text
     assert f"- downstream retention: {tmp_path / 'nowhere.json'} not found" in text
     assert "| parameters | 110.0 M → 66.0 M (40% fewer) | not measured |" in text
     assert not list(out.parent.glob("*.png"))
@@ -135,6 +198,68 @@ def test_results_file_without_its_results_is_named(tmp_path):
     report.main(["--results-dir", str(tmp_path)])
     assert f"- inference: {tmp_path / 'inference.json'} holds no inference results" in (
         tmp_path / "REPORT.md").read_text()
+
+
+def test_gpu_section_from_gpu_results_alone(tmp_path):
+    """What a GPU check's folder holds (gpu.json, train_step_gpu.json): the GPU and its software named once, the
+    derived columns computed from the do_bench medians, tables only with --no-plots."""
+    bench_json(tmp_path / "gpu.json", gpu_results(GPU))
+    bench_json(tmp_path / "train_step_gpu.json", gpu_step_results(GPU))
+    report.main(["--results-dir", str(tmp_path), "--no-plots"])
+    text = (tmp_path / "REPORT.md").read_text()
+
+    assert ("Measured on NVIDIA H100 80GB HBM3 (sm90, 85 GB), driver 570.124.06, CUDA 13.0, torch 2.11.0+cu130, "
+            "Triton 3.6.0.") in text
+    assert "dry run" not in text.lower()
+    # Triple loss: backward = 0.8 - 0.5 ms; GB/s = 3 * 8192 * 30522 * 2 B / 0.5 ms = 3,000 = 90 % of 3,352;
+    # 12 ms eager / 0.8 ms fused = 15.0x.
+    assert ("| bf16 | fused (fastdistil, Triton) | 0.5 | 0.8 | 0.3 | 3,000 (90%) | 1,875 (56%) | 15.0× | 1,500 MB |"
+            in text)
+    assert "| bf16 | eager reference | 5.00 | 12.0 | 7.00 | 300 (9%) | 125 (4%) | 1.0× | 6,000 MB |" in text
+    # Fused linear: 8 * 8192 * 768 * 30522 FLOP / 6 ms = 256 TFLOP/s; 6 / 5 ms; 150 / 1,500 MB.
+    assert "| bf16 | fused projection + loss | 6.00 | 256 | 150 MB | 1.20× | 10.0% |" in text
+    # Attention: 4 * 32 * 12 * 512^2 * 64 FLOP / 0.1 ms = 258 TFLOP/s, 2.5x that / 0.3 ms = 215;
+    # SDPA efficient's 0.15 + 0.4 ms over 0.1 + 0.3 ms = 1.38x.
+    assert "| bf16 | dense | 0 | fastdistil (Triton) | 0.1 | 0.3 | 258 | 215 | 1.38× |" in text
+    assert "| bf16 | 10 % padding masked | 0.1 | fastdistil (Triton) |" in text
+    assert "| bf16 | 10 % padding masked | 0.1 | SDPA flash |" not in text
+    # Training step: 4,000 tokens / 0.05 s against / 0.1 s; fp16's skipped update named.
+    assert "#### fp16: teacher 110 M params (12 layers, hidden 768), student 67 M (6 layers), batch 32 × 128" in text
+    assert "| fastdistil (fused projection + loss, fused AdamW) | 50.0 | 80,000 | 2.00× | 1,200 MB |" in text
+    assert "fp16 fastdistil (fused projection + loss, fused AdamW): 1" in text
+    # Where the time went: 2 s per kernel case, 3 s per training-step case.
+    n_kernel_cases = {op: sum(r["op"] == op for _, r in gpu_results(GPU)) for op in ("triple_loss", "attention")}
+    assert (f"triple loss {2 * n_kernel_cases['triple_loss']} s, fused linear 6 s, attention "
+            f"{2 * n_kernel_cases['attention']} s, training step 12 s") in text
+    assert not image_links(text) and not list(tmp_path.glob("*.png"))
+    # The CPU suites are named as missing, not failed.
+    assert "- inference: inference.json not found" in text
+
+
+def test_dry_run_results_are_labelled_as_such(tmp_path):
+    """CPU results in the GPU files (scripts/gpu_check.sh --dry-run) get a section that says so up front and in
+    its plots, and never a GPU heading."""
+    bench_json(tmp_path / "gpu.json", gpu_results(DRY_RUN))
+    bench_json(tmp_path / "train_step_gpu.json", gpu_step_results(DRY_RUN))
+    report.main(["--results-dir", str(tmp_path)])
+    text = (tmp_path / "REPORT.md").read_text()
+
+    section = text[text.index("## GPU benchmarks: DRY RUN on CPU, not GPU figures"):]
+    assert section.split("\n")[2].startswith("**Dry run:**")
+    assert "## GPU:" not in text and "Measured on" not in section
+    assert "| bf16 | fused (fastdistil, Triton) | 0.5 |" in section  # the tables still run
+    links = image_links(text)
+    assert sorted(links) == ["gpu_kernels.png", "gpu_train_step.png"]
+    assert all("(dry run on CPU, not GPU figures)" in alt for alt in re.findall(r"!\[([^\]]*)\]", text))
+    for link in links:
+        assert (tmp_path / link).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_empty_gpu_file_is_named(tmp_path):
+    bench_json(tmp_path / "gpu.json", [])
+    report.main(["--results-dir", str(tmp_path)])
+    text = (tmp_path / "REPORT.md").read_text()
+    assert f"- gpu: {tmp_path / 'gpu.json'} holds no gpu results" in text and "## GPU" not in text
 
 
 @pytest.mark.parametrize("key", report.EVAL_KEYS)
