@@ -31,7 +31,7 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --wheels) WHEELS=$2; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set /p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -45,6 +45,9 @@ if [ "$DRY_RUN" = 1 ]; then
 fi
 
 exec > >(tee "$OUT/log.txt") 2>&1
+TEE=$!
+# tee finishes writing the log after the script's last line: wait for it, or log.txt may lose its end.
+trap 'exec 1>&- 2>&-; wait "$TEE"' EXIT
 printf 'step\tstatus\tseconds\n' > "$OUT/steps.tsv"
 FAILED=()
 START=$SECONDS
