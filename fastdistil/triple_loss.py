@@ -133,8 +133,6 @@ def _loss_dtype(student_logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if student_logits.dtype == torch.float64 else torch.float32
 
 
-
-
 if extension.AVAILABLE:
 
     @torch.library.register_fake("fastdistil::_triple_loss_forward")
