@@ -4,7 +4,7 @@ for a pass over STS-B on CPU at batch 1), measured here with three attention imp
 Model pairs, each a teacher and its student from make_student (half the layers, initialized from the teacher):
   bert-base  BertForMaskedLM with bert-base's shape (12 layers, hidden 768, 12 heads, vocabulary 30522) and seeded
              random weights (latency does not depend on the values), and its 6-layer student.
-  tiny       the built-in teacher (fastdistil/data/tiny-bert-teacher: 4 layers, hidden 128) and its 2-layer student.
+  tiny       the built-in teacher (fastdistil/assets/tiny-bert-teacher: 4 layers, hidden 128) and its 2-layer student.
 What is timed is the encoder (teacher.bert, student.distilbert) in eval mode under torch.inference_mode: what a
 downstream task such as the paper's STS-B runs, without the masked-LM head over the vocabulary.
 
@@ -40,9 +40,10 @@ import transformers
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
 import fastdistil
-from fastdistil import data
-from fastdistil.attention import register_with_transformers
-from fastdistil.student import make_student
+from fastdistil import assets
+from fastdistil.train import data
+from fastdistil.ops.attention import register_with_transformers
+from fastdistil.train.student import make_student
 from machine import CpuContention, load_average
 
 TINY = os.environ.get("FASTDISTIL_BENCH_TINY", "0") == "1"
@@ -91,7 +92,7 @@ def benchmark_sequences() -> list[list[int]]:
 def make_pair(pair: str) -> tuple[BertForMaskedLM, torch.nn.Module]:
     """(teacher, student) masked LMs in eval mode."""
     if pair == "tiny":
-        teacher = BertForMaskedLM.from_pretrained(data.DATA_DIR / "tiny-bert-teacher", dtype=torch.float32)
+        teacher = BertForMaskedLM.from_pretrained(assets.TEACHER, dtype=torch.float32)
     elif pair == "bert-base":
         torch.manual_seed(SEED)
         # BertConfig's defaults are bert-base-uncased's shape.

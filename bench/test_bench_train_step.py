@@ -64,9 +64,9 @@ from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, get_linear_
 import fastdistil
 import matmul_floor
 from distiller_step import Distiller
-from fastdistil import data
-from fastdistil.mlm_head import ProjectionInputs
-from fastdistil.student import make_student
+from fastdistil.train import data
+from fastdistil.train.heads import ProjectionInputs
+from fastdistil.train.student import make_student
 from fastdistil.train import TrainConfig, make_optimizer, train_step
 from gpu import device_facts
 from machine import CpuContention, load_average
@@ -162,7 +162,7 @@ def make_step(provider: str, precision: str, student, teacher, warmup: float = T
         raise ValueError(f"unknown provider {provider!r}")
     # fastdistil.train's optimizer, schedule and loss, with its defaults (the recipe's).
     cfg = TrainConfig(precision=precision, warmup=warmup, loss=LOSS_OF[provider], lr=RECIPE_LR)
-    optimizer = make_optimizer(student, cfg)
+    optimizer = make_optimizer(student, cfg.lr, cfg.weight_decay, cfg.adam_eps)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup * SCHEDULE_STEPS),
                                                 SCHEDULE_STEPS)
     student_inputs, teacher_inputs = ProjectionInputs(student), ProjectionInputs(teacher)

@@ -14,13 +14,13 @@ if importlib.util.find_spec(f"{__name__}.kernels") is None:
     kernels = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(kernels)
 
-from fastdistil import extension
-from fastdistil.attention import attention, register_with_transformers
-from fastdistil.extension import release_gradient_cache
-from fastdistil.fused_linear_triple_loss import fused_linear_triple_loss
-from fastdistil.reference import triple_loss_reference
-from fastdistil.triple_loss import TripleLoss, triple_loss
-from fastdistil.triple_loss_output import TripleLossOutput
+from fastdistil.ops import extension
+from fastdistil.ops.attention import attention, register_with_transformers
+from fastdistil.ops.extension import release_gradient_cache
+from fastdistil.ops.fused_linear_triple_loss import fused_linear_triple_loss
+from fastdistil.ops.reference import triple_loss_reference
+from fastdistil.ops.triple_loss import TripleLoss, triple_loss
+from fastdistil.ops.outputs import TripleLossOutput
 
 __version__ = "0.1.0"
 

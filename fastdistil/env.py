@@ -14,10 +14,11 @@ import sys
 
 import torch
 
-from fastdistil import __version__, extension
-from fastdistil.attention import auto_backend as attention_backend_of
-from fastdistil.triple_loss import auto_backend as loss_backend_of
-from fastdistil.triple_loss import triton_kernels_error
+from fastdistil import __version__
+from fastdistil.ops import extension
+from fastdistil.ops.attention import auto_backend as attention_backend_of
+from fastdistil.ops.triple_loss import auto_backend as loss_backend_of
+from fastdistil.ops.triple_loss import triton_kernels_error
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HEAD_DIM = 64  # DistilBERT's, for the attention lines

@@ -265,7 +265,7 @@ def triple_loss_forward(
     tensors (the logits one in their dtype times logits_grad_scale, the hidden one in hidden_grad_dtype), and
     that 0-dim scale.
     """
-    from fastdistil.triple_loss import check_inputs, triton_unsupported  # fastdistil imports this module
+    from fastdistil.ops.triple_loss import check_inputs, triton_unsupported  # fastdistil imports this module
 
     check_inputs(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
                  temperature, alpha_ce, alpha_mlm, alpha_cos)

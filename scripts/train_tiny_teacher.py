@@ -3,7 +3,7 @@
     python scripts/train_tiny_teacher.py --steps 1500 --output-dir stage1
     python scripts/train_tiny_teacher.py --init-from stage1 --steps 2000 --lr 2e-3 --output-dir stage2
     python scripts/train_tiny_teacher.py --init-from stage2 --steps 3000 --lr 1e-3 --mlm-smoothing 0.7 \
-        --output-dir fastdistil/data/tiny-bert-teacher
+        --output-dir fastdistil/assets/tiny-bert-teacher
 
 A 4-layer, 128-wide BERT with the bert-base-uncased vocabulary, trained with masked-LM on the bundled
 Wikipedia sample (the same chunking and dynamic masking as distillation, held-out split excluded): first
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-from fastdistil import data
+from fastdistil.train import data
 
 HELDOUT_FRACTION = 0.02
 

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from fastdistil.attention import (  # noqa: E402  (fastdistil.attention is also the function's name)
+from fastdistil.ops.attention import (  # noqa: E402  (fastdistil.attention is also the function's name)
     _transformers_attention,
     attention,
     auto_backend,

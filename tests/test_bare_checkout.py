@@ -30,7 +30,7 @@ print(json.dumps({name: sys.modules[name].__file__ for name in
 @pytest.mark.parametrize("layout", ["checkout", "installed"])
 def test_the_kernels_import_from_a_checkout_and_from_an_install(tmp_path, layout):
     root = tmp_path.resolve()
-    skip = shutil.ignore_patterns("__pycache__", "data")  # data/: the bundled corpus and models, not needed here
+    skip = shutil.ignore_patterns("__pycache__", "assets")  # the bundled corpus and models, not needed here
     shutil.copytree(ROOT / "fastdistil", root / "fastdistil", ignore=skip)
     # Both layouts have a top-level kernels/; an install must ignore it for its own fastdistil/kernels/.
     shutil.copytree(ROOT / "kernels", root / "kernels", ignore=skip)

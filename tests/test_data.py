@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from fastdistil import data
+from fastdistil.train import data
 
 
 @pytest.fixture(scope="module")

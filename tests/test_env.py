@@ -53,7 +53,7 @@ def fake_gpus(monkeypatch):
     """fake_gpus((7, 0), (8, 0), ...) makes torch.cuda report one device per compute capability. Whether the
     Triton kernels load is decided once per process (triton_kernels_error is cached): each test decides afresh,
     after its own patches, and leaves no decision behind."""
-    kernels_error = sys.modules["fastdistil.triple_loss"].triton_kernels_error
+    kernels_error = sys.modules["fastdistil.ops.triple_loss"].triton_kernels_error
     kernels_error.cache_clear()
     yield install_fake_gpus(monkeypatch)
     kernels_error.cache_clear()

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastdistil import evaluate, metrics, train
+from fastdistil import train
+from fastdistil.evaluate import finetune as evaluate
+from fastdistil.evaluate import metrics, tasks
 from training_runs import args
 
 TINY = ["--max-train-examples", "64", "--max-eval-examples", "32", "--epochs", "1", "--batch-size", "16",
@@ -74,7 +76,7 @@ def test_one_checkpoint_with_model(run_dir, tmp_path):
 
 
 def test_the_wiki_topic_split_is_fixed_and_covers_every_topic():
-    task = metrics.get_task("wiki-topic")
+    task = tasks.get_task("wiki-topic")
     splits, label_names = evaluate.load_splits(task)
     assert label_names is None  # the topics are strings: task_data numbers them
     train_titles, test_titles = set(splits["train"]["title"]), set(splits["test"]["title"])
@@ -90,7 +92,7 @@ def test_the_wiki_topic_data_is_what_datasets_gave(tmp_path):
     # Earlier versions read the corpus and drew the --max-*-examples subsets through datasets: the same rows,
     # labels and subsets keep scores comparable.
     datasets = pytest.importorskip("datasets")
-    task = metrics.get_task("wiki-topic")
+    task = tasks.get_task("wiki-topic")
     cfg = evaluate.EvalConfig(run_dir="unused", max_train_examples=64, max_eval_examples=32)
     train_set, eval_sets, label_names, num_labels = evaluate.task_data(task, cfg)
     corpus = datasets.load_dataset("json", data_files=str(evaluate.data.BUNDLED_CORPUS), split="train",
@@ -104,7 +106,7 @@ def test_the_wiki_topic_data_is_what_datasets_gave(tmp_path):
         assert got["label"] == [label_names.index(topic) for topic in want["topic"]]
 
 
-def fake_glue(task: metrics.Task, n: int = 24, drop: str | None = None):
+def fake_glue(task: tasks.Task, n: int = 24, drop: str | None = None):
     """A tiny in-memory stand-in for a GLUE task's DatasetDict: its columns, splits and label type."""
     datasets = pytest.importorskip("datasets")
     rng = np.random.default_rng(0)
@@ -131,7 +133,7 @@ def fake_glue(task: metrics.Task, n: int = 24, drop: str | None = None):
 @pytest.mark.parametrize("name", ["glue/mrpc", "glue/stsb", "glue/mnli"])
 def test_glue_tasks_through_datasets(run_dir, tmp_path, monkeypatch, name):
     datasets = pytest.importorskip("datasets")
-    task = metrics.get_task(name)
+    task = tasks.get_task(name)
     calls = []
 
     def load_dataset(*a, **kw):
@@ -158,7 +160,7 @@ def test_glue_tasks_through_datasets(run_dir, tmp_path, monkeypatch, name):
 @pytest.mark.parametrize("drop", ["label", "sentence2"])
 def test_a_missing_column_is_named_with_those_present(run_dir, monkeypatch, drop):
     datasets = pytest.importorskip("datasets")
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: fake_glue(metrics.get_task("glue/rte"),
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: fake_glue(tasks.get_task("glue/rte"),
                                                                              drop=drop))
     with pytest.raises(ValueError, match=rf"glue/rte: split 'train' has no column '{drop}' \(columns: \[.*'idx'"):
         evaluate_(run_dir, "--task", "glue/rte", *TINY)
@@ -212,7 +214,7 @@ try:
     runpy.run_module("fastdistil.evaluate", run_name="__main__", alter_sys=True)
 except SystemExit as exit:
     help_status = exit.code
-from fastdistil import evaluate
+from fastdistil.evaluate import finetune as evaluate
 statuses = [evaluate.cli(argv) for argv in argvs]
 print(json.dumps([help_status, *statuses]))
 """

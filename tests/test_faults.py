@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastdistil import checkpoint, train
+from fastdistil import train
+from fastdistil.train import checkpoint
 from training_runs import args, launch, metrics_of
 
 STEPS = 30
@@ -136,7 +137,7 @@ def test_a_nan_loss_skips_the_step_and_the_run_goes_on(teacher_dir, corpus, tmp_
 def test_consecutive_bad_steps_stop_the_run_and_keep_the_last_good_state(teacher_dir, corpus, tmp_path, capsys):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from fastdistil.student import make_student
+    from fastdistil.train.student import make_student
 
     teacher = AutoModelForMaskedLM.from_pretrained(teacher_dir)
     with torch.no_grad():  # layer 3 is not copied into the student: only the teacher's outputs turn NaN

@@ -99,7 +99,7 @@ def triton_chunks(monkeypatch):
     """The chunk loop feeding the Triton loss kernel, as it runs on CUDA; without a GPU, on CPU tensors under
     Triton's interpreter (conftest.py asks for it before anything imports Triton)."""
     pytest.importorskip("triton")
-    module = sys.modules["fastdistil.fused_linear_triple_loss"]
+    module = sys.modules["fastdistil.ops.fused_linear_triple_loss"]
     monkeypatch.setattr(module, "chunk_loss_for", lambda device: module._triton_chunk_loss)
 
 

@@ -6,7 +6,7 @@ import scipy.stats
 import sklearn.metrics
 import torch
 
-from fastdistil import metrics
+from fastdistil.evaluate import metrics, tasks
 
 
 @pytest.mark.filterwarnings("ignore:A single label was found")  # n = 1: sklearn's note on the confusion matrix
@@ -65,10 +65,10 @@ def test_ranks_average_ties_like_scipy():
 def test_a_task_scores_the_mean_of_its_metrics_over_its_splits():
     truth = np.array([1, 0, 1, 1, 0, 0])
     pred = np.array([1, 1, 1, 0, 0, 0])
-    mrpc = metrics.compute(metrics.get_task("glue/mrpc"), {"validation": pred}, {"validation": truth})
+    mrpc = metrics.compute(tasks.get_task("glue/mrpc"), {"validation": pred}, {"validation": truth})
     assert mrpc["metrics"] == {"accuracy": pytest.approx(4 / 6), "f1": pytest.approx(2 / 3)}
     assert mrpc["score"] == pytest.approx((4 / 6 + 2 / 3) / 2)
-    mnli = metrics.compute(metrics.get_task("glue/mnli"), {"validation_matched": pred, "validation_mismatched": truth},
+    mnli = metrics.compute(tasks.get_task("glue/mnli"), {"validation_matched": pred, "validation_mismatched": truth},
                            {"validation_matched": truth, "validation_mismatched": truth})
     assert mnli["metrics"] == {"accuracy/validation_matched": pytest.approx(4 / 6),
                                "accuracy/validation_mismatched": 1.0}
@@ -77,8 +77,8 @@ def test_a_task_scores_the_mean_of_its_metrics_over_its_splits():
 
 def test_the_task_table_covers_glue_imdb_and_wiki_topic():
     glue = {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"}
-    assert set(metrics.TASKS) == {f"glue/{t}" for t in glue} | {"imdb", "wiki-topic"}
-    assert metrics.get_task("glue/cola").metrics == ("matthews_corrcoef",)
-    assert metrics.get_task("glue/stsb").is_regression
+    assert set(tasks.TASKS) == {f"glue/{t}" for t in glue} | {"imdb", "wiki-topic"}
+    assert tasks.get_task("glue/cola").metrics == ("matthews_corrcoef",)
+    assert tasks.get_task("glue/stsb").is_regression
     with pytest.raises(ValueError, match=r"unknown task 'glue/nope'.*wiki-topic.*imdb.*glue/sst2"):
-        metrics.get_task("glue/nope")
+        tasks.get_task("glue/nope")

@@ -174,7 +174,7 @@ def test_auto_on_a_gpu_whose_triton_kernels_failed_to_import_runs_the_reference(
     with the import error as the reason, which python -m fastdistil.env prints too."""
     from fastdistil import env
 
-    module = sys.modules["fastdistil.triple_loss"]  # the package's triple_loss attribute is the function
+    module = sys.modules["fastdistil.ops.triple_loss"]  # the package's triple_loss attribute is the function
     monkeypatch.setitem(sys.modules, "fastdistil.kernels.triple_loss", None)  # importing it raises ImportError
     monkeypatch.setattr(module, "triton_kernels_error", functools.cache(module.triton_kernels_error.__wrapped__))
     monkeypatch.setattr(env, "triton_kernels_error", module.triton_kernels_error)

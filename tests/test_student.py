@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, DistilBertForMaskedLM
 
-from fastdistil.student import make_student
+from fastdistil.train.student import make_student
 
 
 def tiny_teacher(layers=12, seed=0):

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM, BertModel
 
-from fastdistil import checkpoint, data, train
+from fastdistil import train
+from fastdistil.train import checkpoint, data
 from training_runs import args, metrics_of, model_dir
 
 

@@ -7,7 +7,7 @@ import sys
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-from fastdistil import data
+from fastdistil.train import data
 
 
 def model_dir(path, model_class=BertForMaskedLM, vocab_size=30522, layers=4):

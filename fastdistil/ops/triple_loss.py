@@ -18,10 +18,10 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from fastdistil import extension
+from fastdistil.ops import extension
 from fastdistil.kernels.gradient_scale import hidden_grad_dtype
-from fastdistil.reference import triple_loss_reference
-from fastdistil.triple_loss_output import TripleLossOutput
+from fastdistil.ops.reference import triple_loss_reference
+from fastdistil.ops.outputs import TripleLossOutput
 
 Backend = Literal["auto", "cpp", "triton", "reference"]
 BACKENDS = ("auto", "cpp", "triton", "reference")

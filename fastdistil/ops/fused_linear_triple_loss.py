@@ -22,10 +22,10 @@ import functools
 
 import torch
 
-from fastdistil import extension
+from fastdistil.ops import extension
 from fastdistil.kernels.gradient_scale import hidden_grad_dtype, logits_grad_scale
-from fastdistil.triple_loss import LOGIT_DTYPES, scale_gradient_, triton_kernels_error
-from fastdistil.triple_loss_output import TripleLossOutput
+from fastdistil.ops.triple_loss import LOGIT_DTYPES, scale_gradient_, triton_kernels_error
+from fastdistil.ops.outputs import TripleLossOutput
 
 # Bytes of the three [chunk, V] buffers (student logits, teacher logits, gradient) when chunk_size=0: a few
 # hundred rows at BERT's vocabulary, enough for each chunk's matrix products to run at full speed, and a

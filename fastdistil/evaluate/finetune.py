@@ -10,14 +10,12 @@ and IMDb come through `datasets` and need a network or its cache. Read top to bo
 models, fine-tuning, prediction, the report.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
 import inspect
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,11 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from fastdistil import data, metrics, train
+from fastdistil.commands import (atomic_write_text, check_choices, config_from, device_of, flag, parser_for,
+                                 run_command)
+from fastdistil.evaluate import metrics, tasks
+from fastdistil.train import data
+from fastdistil.train.step import make_optimizer
 
 HELDOUT_BUCKETS = 5  # wiki-topic: a document is held out when the hash of its title is 0 mod 5, ~20 %
 SUBSET_SEED = 0  # --max-*-examples draw the same examples whatever --seed is, so seeds compare on one subset
@@ -37,54 +39,36 @@ MAX_GRAD_NORM = 1.0  # BERT's fine-tuning clipping
 
 @dataclass
 class EvalConfig:
-    run_dir: str | None = None
-    model: str | None = None
-    task: str = "wiki-topic"
+    run_dir: str | None = flag(None, "a fastdistil.train --output-dir", positional=True, metavar="RUN_DIR")
+    model: str | None = flag(None, "evaluate this one checkpoint (and tokenizer) instead", metavar="DIR")
+    task: str = flag("wiki-topic", f"one of: {', '.join(tasks.TASKS)}")
     # The defaults suit the built-in teacher (4 x 128) and its students: the whole wiki-topic evaluation of the
     # default run takes minutes on 2 CPU cores. BERT-base-sized models want --lr 2e-5 to 5e-5, --max-seq-len 128.
-    epochs: int = 2
-    lr: float = 1e-3
-    batch_size: int = 32
-    max_seq_len: int = 64
-    warmup: float = 0.1
-    weight_decay: float = 0.01
-    adam_eps: float = 1e-6
-    seed: int = 0
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    device: str = "auto"
-    output: str | None = None
+    epochs: int = flag(2, "fine-tuning epochs")
+    lr: float = flag(1e-3, "peak learning rate (for the built-in teacher; BERT-base-sized models want 2e-5 to "
+                           "5e-5)")
+    batch_size: int = flag(32, "examples per batch")
+    max_seq_len: int = flag(64, "tokens per example, longer text truncated")
+    warmup: float = flag(0.1, "linear warm-up, as a fraction of the steps")
+    weight_decay: float = flag(0.01, "AdamW weight decay (not on biases and LayerNorms)")
+    adam_eps: float = flag(1e-6, "AdamW epsilon")
+    seed: int = flag(0, "seeds the heads, dropout and batch order")
+    max_train_examples: int | None = flag(None, "fine-tune on a fixed random subset of this size")
+    max_eval_examples: int | None = flag(None, "score a fixed random subset of each eval split")
+    device: str = flag("auto", "cuda when there is a GPU, else cpu", choices=("auto", "cpu", "cuda"))
+    output: str | None = flag(None, "the JSON report's path (default: DIR/eval_<task>.json)")
 
 
 def parse_args(argv=None) -> EvalConfig:
-    d = EvalConfig()
-    parser = argparse.ArgumentParser(prog="python -m fastdistil.evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a fastdistil.train --output-dir")
-    parser.add_argument("--model", metavar="DIR", help="evaluate this one checkpoint (and tokenizer) instead")
-    parser.add_argument("--task", default=d.task, help=f"one of: {', '.join(metrics.TASKS)} (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help="fine-tuning epochs (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s, for the "
-                        "built-in teacher; BERT-base-sized models want 2e-5 to 5e-5)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
-    parser.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
-                        help="tokens per example, longer text truncated (default: %(default)s)")
-    parser.add_argument("--warmup", type=float, default=d.warmup,
-                        help="linear warm-up, as a fraction of the steps (default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=d.seed,
-                        help="seeds the heads, dropout and batch order (default: %(default)s)")
-    parser.add_argument("--max-train-examples", type=int, help="fine-tune on a fixed random subset of this size")
-    parser.add_argument("--max-eval-examples", type=int, help="score a fixed random subset of each eval split")
-    parser.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"), help="(default: %(default)s)")
-    parser.add_argument("--output", help="the JSON report's path (default: DIR/eval_<task>.json)")
-    return EvalConfig(**vars(parser.parse_args(argv)))
+    parser = parser_for(EvalConfig, "python -m fastdistil.evaluate", __doc__.split("\n\n")[0])
+    return config_from(EvalConfig, vars(parser.parse_args(argv)))
 
 
 def check_config(cfg: EvalConfig) -> None:
     """A ValueError naming the first bad setting."""
     if (cfg.run_dir is None) == (cfg.model is None):
         raise ValueError("give either RUN_DIR (a fastdistil.train run) or --model DIR (one checkpoint)")
-    metrics.get_task(cfg.task)
+    tasks.get_task(cfg.task)
     for name in ("epochs", "batch_size", "max_seq_len", "max_train_examples", "max_eval_examples"):
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
@@ -92,8 +76,8 @@ def check_config(cfg: EvalConfig) -> None:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
     if not 0 <= cfg.warmup < 1:
         raise ValueError(f"--warmup must be in [0, 1), got {cfg.warmup}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+    check_choices(cfg)
+    device_of(cfg.device)
 
 
 # --- the data ---------------------------------------------------------------------------------------------
@@ -103,7 +87,7 @@ def _is_heldout(title: str) -> bool:
     return int(hashlib.sha256(title.encode()).hexdigest(), 16) % HELDOUT_BUCKETS == 0
 
 
-def load_splits(task: metrics.Task) -> tuple[dict[str, data.Table], list[str] | None]:
+def load_splits(task: tasks.Task) -> tuple[dict[str, data.Table], list[str] | None]:
     """The task's splits as they come (wiki-topic: the bundled corpus, split by title), and the label names the
     dataset declares (a ClassLabel label column), if it does."""
     if task.dataset == data.DEFAULT_DATASET:
@@ -130,7 +114,7 @@ def _subset(split: data.Table, n: int | None) -> data.Table:
     return split[np.random.default_rng(SUBSET_SEED).permutation(len(split))[:n].tolist()]
 
 
-def task_data(task: metrics.Task, cfg: EvalConfig) -> tuple[data.Table, dict[str, data.Table], list[str] | None,
+def task_data(task: tasks.Task, cfg: EvalConfig) -> tuple[data.Table, dict[str, data.Table], list[str] | None,
                                                             int]:
     """(train, {eval split: table}, label names or None, number of labels): each table with the text columns
     and an integer (for regression, float) `label`."""
@@ -179,7 +163,7 @@ class Encoded:
         return {k: v.to(device) for k, v in inputs.items()}
 
 
-def encode(split: data.Table, task: metrics.Task, tokenizer, max_seq_len: int) -> Encoded:
+def encode(split: data.Table, task: tasks.Task, tokenizer, max_seq_len: int) -> Encoded:
     texts = [split[c] for c in task.text_columns]
     encoded = tokenizer(*texts, truncation=True, max_length=max_seq_len)
     labels = torch.tensor(split["label"], dtype=torch.float32 if task.is_regression else torch.long)
@@ -202,12 +186,12 @@ def _quiet_loading():
         transformers.logging.enable_progress_bar()
 
 
-def _head_kwargs(task: metrics.Task, num_labels: int) -> dict:
+def _head_kwargs(task: tasks.Task, num_labels: int) -> dict:
     problem = "regression" if task.is_regression else "single_label_classification"
     return {"num_labels": num_labels, "problem_type": problem}
 
 
-def pretrained_classifier(path: str, what: str, task: metrics.Task, num_labels: int) -> torch.nn.Module:
+def pretrained_classifier(path: str, what: str, task: tasks.Task, num_labels: int) -> torch.nn.Module:
     """The checkpoint at `path` with a fresh sequence-classification head, in fp32 (the built-in teacher is
     stored in fp16)."""
     with _quiet_loading():
@@ -219,7 +203,7 @@ def pretrained_classifier(path: str, what: str, task: metrics.Task, num_labels: 
                              f"({' '.join(str(exc).split())})") from exc
 
 
-def random_classifier(config_dir: Path, task: metrics.Task, num_labels: int) -> torch.nn.Module:
+def random_classifier(config_dir: Path, task: tasks.Task, num_labels: int) -> torch.nn.Module:
     """A fresh fp32 model of the architecture and shape saved in config_dir: the distilled student without its
     distillation."""
     config = AutoConfig.from_pretrained(config_dir, **_head_kwargs(task, num_labels))
@@ -290,7 +274,7 @@ def fine_tune(model: torch.nn.Module, train_set: Encoded, cfg: EvalConfig, pad_i
     lengths = [len(ids) for ids in train_set.input_ids]
     plans = [data.length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch) for epoch in range(cfg.epochs)]
     total_steps = sum(len(plan) for plan in plans)
-    optimizer = train.make_optimizer(model, cfg)  # the trainer's AdamW: no decay on biases and LayerNorms
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.adam_eps)  # no decay on biases, LayerNorms
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup * total_steps),
                                                              total_steps)
     amp_dtype, scaler = _amp(device)
@@ -336,8 +320,8 @@ def main(cfg: EvalConfig) -> dict:
     """Fine-tunes and scores each model; writes and returns the report."""
     start = time.time()
     check_config(cfg)
-    task = metrics.get_task(cfg.task)
-    device = train.device_of(cfg)
+    task = tasks.get_task(cfg.task)
+    device = device_of(cfg.device)
     models, tokenizer_dir = models_to_evaluate(cfg)
     tokenizer = load_tokenizer(tokenizer_dir)
     train_set, eval_sets, label_names, num_labels = task_data(task, cfg)
@@ -367,7 +351,7 @@ def main(cfg: EvalConfig) -> dict:
                   train_examples=len(train_set), eval_examples={name: len(s) for name, s in eval_sets.items()},
                   labels=label_names, wall_s=time.time() - start)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    train.atomic_write_text(out_path, json.dumps(report, indent=2))
+    atomic_write_text(out_path, json.dumps(report, indent=2))
     report["path"] = str(out_path)
     return report
 
@@ -389,16 +373,11 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def cli(argv=None) -> int:
-    try:
-        report = main(parse_args(argv))
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line
-        return 2
+def show(report: dict) -> None:
     print(format_table(report))
     print(f"written to {report['path']} ({report['wall_s']:.0f} s)")
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(cli())
+def cli(argv=None) -> int:
+    return run_command(lambda: main(parse_args(argv)), show)
+

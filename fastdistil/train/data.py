@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
-BUNDLED_CORPUS = DATA_DIR / "wiki_vital_en.jsonl.gz"
-BUNDLED_TOKENIZER = DATA_DIR / "bert-base-uncased-tokenizer"
+from fastdistil import assets
+
+BUNDLED_CORPUS = assets.CORPUS
+BUNDLED_TOKENIZER = assets.TOKENIZER
 DEFAULT_DATASET = "wiki-vital"
 
 MIN_TOKENS = 12  # the recipe drops sequences of <= 11 tokens, [CLS] and [SEP] included

@@ -1,0 +1,5 @@
+import sys
+
+from fastdistil.evaluate.finetune import cli
+
+sys.exit(cli())

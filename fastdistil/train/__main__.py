@@ -1,0 +1,5 @@
+import sys
+
+from fastdistil.train.loop import cli
+
+sys.exit(cli())

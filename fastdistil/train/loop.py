@@ -1,0 +1,465 @@
+"""python -m fastdistil.train: a distillation run, read top to bottom.
+
+main(cfg) checks the config, joins torchrun's process group and distils: it loads the teacher and builds the
+student from it, tokenizes and splits the corpus, makes the optimizer, resumes from a checkpoint if asked, and
+runs the loop. Each step accumulates the gradients of its micro-batches, steps the optimizer, logs, and maybe
+saves. At the end rank 0 exports the student and writes the held-out metrics.
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForMaskedLM, AutoTokenizer, get_linear_schedule_with_warmup
+
+from fastdistil import assets
+from fastdistil.commands import atomic_write_text, device_of, run_command
+from fastdistil.ops.attention import register_with_transformers
+from fastdistil.ops.outputs import TripleLossOutput
+from fastdistil.train import checkpoint, data, distributed, heads
+from fastdistil.train.config import DEFAULT_MAX_STEPS, TrainConfig, check_config, parse_args
+from fastdistil.train.step import heldout_metrics, make_optimizer, train_step
+from fastdistil.train.student import make_student
+
+DROPOUT_STREAM = 1  # data.seed_at(seed, epoch, batch, DROPOUT_STREAM) seeds dropout, apart from the masking
+HELDOUT_STREAM = -1  # the held-out masks: data.rng(seed, HELDOUT_STREAM, batch), the same in every run
+RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "checkpoints", "student", "tensorboard")
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Progress:
+    """Where a run is. A checkpoint stores it, and a resumed run continues from it exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    tokens: int = 0  # non-padding tokens trained on
+    wall_s: float = 0.0  # training time before this process started (a resumed run adds its own)
+    bad_steps: int = 0  # consecutive steps with a NaN or inf loss
+    skipped_steps: int = 0
+
+
+@dataclass
+class StepStats:
+    """One optimizer step, over its micro-batches and then over all processes."""
+
+    terms: TripleLossOutput  # the four loss terms (0-dim fp32), each weighted as the step's gradient is
+    tokens: int  # non-padding tokens
+    stopping: bool  # a process was asked to stop (SIGTERM): all stop after this step
+
+    def over_processes(self, procs: distributed.Processes) -> "StepStats":
+        """The stats of all processes, in one collective: tokens and stop flags summed, terms averaged (DDP
+        averages the gradients)."""
+        packed = torch.cat([torch.stack(self.terms), torch.tensor([float(self.tokens), float(self.stopping)])])
+        distributed.sum_across(packed, procs)
+        return StepStats(TripleLossOutput(*(packed[:4] / procs.world_size)), int(packed[4]), bool(packed[5]))
+
+
+@dataclass
+class TrainingData:
+    """The tokenized corpus and how the run walks it: an optimizer step takes micro_per_step consecutive
+    micro-batches of the epoch's length-grouped plan, and micro-batch j of a step goes to rank j % world size.
+    So the order and content of every step depend on the seed, never on the number of processes: 2 processes
+    with --grad-accum 1 compute what 1 process does with --grad-accum 2."""
+
+    train_set: object  # data.Table, or datasets.Dataset for a hub corpus: an input_ids column
+    heldout: object
+    masker: data.DynamicMasker
+    pad_id: int
+    seed: int
+    batch_size: int
+    micro_per_step: int
+
+    def __post_init__(self):
+        self.lengths = [len(ids) for ids in self.train_set["input_ids"]]
+        self._plan = (None, None)
+        self.steps_per_epoch = len(self.plan(0)) // self.micro_per_step
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        """The epoch's batches of sequence indices (kept while the epoch lasts: making it is O(sequences))."""
+        if self._plan[0] != epoch:
+            self._plan = (epoch, data.length_grouped_batches(self.lengths, self.batch_size, self.seed, epoch))
+        return self._plan[1]
+
+    def step_batches(self, progress: Progress) -> range:
+        """The indices in the epoch's plan of the micro-batches of the next step."""
+        first = progress.step_in_epoch * self.micro_per_step
+        return range(first, first + self.micro_per_step)
+
+    def micro_batch(self, epoch: int, index: int, device):
+        """Micro-batch `index` of the epoch, masked, its dropout seeded: all a function of the position."""
+        ids, mask = data.collate(self.train_set[self.plan(epoch)[index]]["input_ids"], self.pad_id)
+        masked, labels = self.masker(ids, mask, data.rng(self.seed, epoch, index))
+        torch.manual_seed(data.seed_at(self.seed, epoch, index, DROPOUT_STREAM))
+        return masked.to(device), mask.to(device), labels.to(device)
+
+    def heldout_batches(self) -> list:
+        """The held-out sequences in batches, masked the same way in every run."""
+        plan = data.length_grouped_batches([len(ids) for ids in self.heldout["input_ids"]], self.batch_size,
+                                           self.seed, epoch=0)
+        batches = []
+        for index, indices in enumerate(plan):
+            ids, mask = data.collate(self.heldout[indices]["input_ids"], self.pad_id)
+            masked, labels = self.masker(ids, mask, data.rng(self.seed, HELDOUT_STREAM, index))
+            batches.append((masked, mask, labels))
+        return batches
+
+
+def main(cfg: TrainConfig) -> dict:
+    out = Path(cfg.output_dir)
+    if distributed.restarted() and cfg.resume is None:  # torchrun brought the job back: continue it
+        has_checkpoint = bool(checkpoint.checkpoints(out / "checkpoints"))
+        cfg = dataclasses.replace(cfg, resume="latest" if has_checkpoint else None, overwrite=True)
+    check_config(cfg)
+    procs = distributed.init(device_of(cfg.device).type)
+    try:
+        return distil(cfg, procs, out)
+    finally:
+        distributed.shutdown()
+
+
+def distil(cfg: TrainConfig, procs: distributed.Processes, out: Path) -> dict:
+    device = run_device(cfg, procs)
+    torch.manual_seed(cfg.seed)  # the same initial student (random init) on every rank
+    tokenizer = load_tokenizer(cfg)
+    teacher = load_teacher(cfg, tokenizer, device)
+    layers = None if cfg.student_layers is None else [int(i) for i in cfg.student_layers.split(",")]
+    student = make_student(teacher, layers, cfg.student_init).to(device).train()
+    if cfg.attention == "fastdistil":
+        register_with_transformers()
+    student.set_attn_implementation(cfg.attention)  # not saved with the student: its export loads anywhere
+    model, teacher_inputs = heads.ProjectionInputs(student), heads.ProjectionInputs(teacher)
+    if procs.world_size > 1:  # the frozen teacher is a plain replica on every rank
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[procs.local_rank] if device.type == "cuda" else None)
+    run_data = load_data(cfg, tokenizer, procs)
+    total_steps = cfg.max_steps if cfg.max_steps is not None else (
+        run_data.steps_per_epoch * cfg.epochs if cfg.epochs is not None else DEFAULT_MAX_STEPS)
+
+    amp_dtype = AMP_DTYPES[cfg.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    optimizer = make_optimizer(student, cfg.lr, cfg.weight_decay, cfg.adam_eps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup * total_steps), max(total_steps, 1))
+    resumed = resume(cfg, out, procs, student, optimizer, scheduler, scaler)
+    progress = resumed or Progress()
+    if procs.is_main:
+        prepare_output_dir(cfg, out, procs, resumed, run_data.micro_per_step, total_steps)
+    log = MetricsLog(cfg, out, procs, progress.step, device)
+    start = time.time()
+
+    def save():
+        """Every rank takes part (its RNG state is gathered); rank 0 writes."""
+        rng_states = distributed.gather(_rng_state(), procs)
+        if procs.is_main:
+            saved = dataclasses.replace(progress, wall_s=progress.wall_s + time.time() - start)
+            state = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "progress": dataclasses.asdict(saved), "rng": rng_states, "config": dataclasses.asdict(cfg)}
+            checkpoint.save(out / "checkpoints", progress.step, state, cfg.keep_last)
+        distributed.barrier(procs)
+
+    stop = _StopOnSignal()
+    stopping = False
+    bar = tqdm(total=total_steps, initial=progress.step, desc="distilling",
+               disable=total_steps == 0 or not procs.is_main)
+    try:
+        while progress.step < total_steps and not stopping:
+            # Accumulate: this rank's micro-batches of the step, forward and backward; then the stats of all
+            # processes, with whether any was asked to stop meanwhile.
+            stats = accumulate(model, teacher_inputs, run_data, progress, cfg, procs, scaler, amp_dtype, device)
+            stats = dataclasses.replace(stats, stopping=stop.signal is not None).over_processes(procs)
+            stopping = stats.stopping
+            # Step the optimizer, unless the loss is NaN or inf: then the step is skipped (no update) and the
+            # data and the schedule move on.
+            finite = bool(torch.isfinite(stats.terms.loss))
+            grad_norm = float("nan")
+            if finite:
+                scaler.unscale_(optimizer)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
+                scaler.step(optimizer)
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():  # after a skipped first step, torch warns of a skipped LR value
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
+                scheduler.step()
+            advance(progress, stats.tokens, finite, run_data.steps_per_epoch)
+            bar.update(1)
+            if progress.bad_steps > cfg.max_bad_steps:
+                save()
+                raise ValueError(f"{progress.bad_steps} consecutive steps had a NaN or inf loss (more than "
+                                 f"--max-bad-steps {cfg.max_bad_steps}); the last good state is in "
+                                 f"{out / 'checkpoints'}")
+            # Log, then maybe save.
+            log.step(progress.step, stats, scheduler.get_last_lr()[0], grad_norm, final=progress.step == total_steps)
+            if log.last_loss is not None:
+                bar.set_postfix(loss=f"{log.last_loss:.3f}")
+            if cfg.save_every and progress.step % cfg.save_every == 0:
+                save()
+    finally:
+        bar.close()
+        stop.restore()
+        log.close()
+    if stopping:
+        if not (cfg.save_every and progress.step % cfg.save_every == 0):
+            save()
+        return {"stopped_by_signal": True, "steps": progress.step,
+                "checkpoint": str(out / "checkpoints" / f"{checkpoint.PREFIX}{progress.step:08d}")}
+    summary = {}
+    if procs.is_main:
+        summary = finish(cfg, out, procs, progress, progress.wall_s + time.time() - start, tokenizer, teacher,
+                         student, run_data, device)
+    distributed.barrier(procs)
+    return summary
+
+
+def accumulate(model, teacher_inputs, run_data: TrainingData, progress: Progress, cfg: TrainConfig,
+               procs: distributed.Processes, scaler, amp_dtype, device) -> StepStats:
+    """The gradients of this rank's micro-batches of the next step, accumulated in the student (DDP syncs
+    them at the last one), and what they add up to."""
+    plan = run_data.plan(progress.epoch)
+    batches = run_data.step_batches(progress)
+    step_tokens = sum(run_data.lengths[i] for b in batches for i in plan[b])
+    mine = batches[procs.rank::procs.world_size]
+    terms = torch.zeros(4)
+    tokens = 0
+    for n, index in enumerate(mine):
+        batch = run_data.micro_batch(progress.epoch, index, device)
+        n_tokens = int(batch[1].sum())
+        # DDP averages gradients over processes; the weights make the step the mean over micro-batches (or
+        # over tokens, with --token-weighted), whatever their split over processes.
+        weight = n_tokens * procs.world_size / step_tokens if cfg.token_weighted else 1 / cfg.grad_accum
+        sync = n == len(mine) - 1 or procs.world_size == 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            out_terms = train_step(model, teacher_inputs, batch, cfg, amp_dtype)
+            scaler.scale(out_terms.loss * weight).backward()
+        terms += torch.stack([t.detach().float().cpu() for t in out_terms]) * weight
+        tokens += n_tokens
+    return StepStats(TripleLossOutput(*terms), tokens, stopping=False)
+
+
+def advance(progress: Progress, tokens: int, finite: bool, steps_per_epoch: int) -> None:
+    """progress after one step; an epoch's last, incomplete step is dropped."""
+    progress.step += 1
+    progress.step_in_epoch += 1
+    progress.tokens += tokens
+    progress.bad_steps = 0 if finite else progress.bad_steps + 1
+    progress.skipped_steps += not finite
+    if progress.step_in_epoch == steps_per_epoch:
+        progress.epoch += 1
+        progress.step_in_epoch = 0
+
+
+class MetricsLog:
+    """metrics.jsonl (and TensorBoard with --tensorboard), one record every --log-every steps and at the last,
+    written by rank 0; tokens/s is over the steps since the previous record."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, procs: distributed.Processes, first_step: int, device):
+        self.every = cfg.log_every
+        self.path = out / "metrics.jsonl"
+        self.enabled = procs.is_main
+        self.device = device
+        self.window_start, self.window_tokens = time.time(), 0
+        self.last_loss = None
+        self.writer = None
+        if cfg.tensorboard and self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(out / "tensorboard", purge_step=first_step + 1)
+
+    def step(self, step: int, stats: StepStats, lr: float, grad_norm: float, final: bool) -> None:
+        self.window_tokens += stats.tokens
+        if not self.enabled or not (step % self.every == 0 or final):
+            return
+        now = time.time()
+        record = {"step": step, **{k: float(v) for k, v in stats.terms._asdict().items()}, "lr": lr,
+                  "grad_norm": grad_norm, "tokens_per_s": self.window_tokens / max(now - self.window_start, 1e-9),
+                  "memory_mb": _memory_mb(self.device)}
+        self.window_start, self.window_tokens = now, 0
+        self.last_loss = record["loss"]
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+# --- what the loop is built from --------------------------------------------------------------------------
+
+def run_device(cfg: TrainConfig, procs: distributed.Processes) -> torch.device:
+    device = device_of(cfg.device)
+    if device.type != "cuda":
+        return device
+    device = torch.device("cuda", procs.local_rank)
+    if cfg.precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use --precision "
+                         "fp16 (with its gradient scaler) or fp32")
+    return device
+
+
+def load_tokenizer(cfg: TrainConfig):
+    name = cfg.tokenizer or cfg.teacher
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        flag = "--tokenizer" if cfg.tokenizer else "--teacher (no --tokenizer given)"
+        raise ValueError(f"{flag} {name}: cannot load a tokenizer ({exc})") from exc
+
+
+def load_teacher(cfg: TrainConfig, tokenizer, device) -> torch.nn.Module:
+    if cfg.teacher == str(assets.TEACHER) and not assets.TEACHER.exists():
+        raise ValueError(f"the built-in teacher is not in this installation ({assets.TEACHER}); pass --teacher "
+                         "(a hub name or a local directory of a BERT masked LM)")
+    try:
+        teacher, info = AutoModelForMaskedLM.from_pretrained(cfg.teacher, output_loading_info=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--teacher {cfg.teacher}: not a loadable masked LM ({exc})") from exc
+    untrained_head = [k for k in info["missing_keys"] if k.startswith(("cls.", "lm_head."))]
+    if untrained_head:
+        raise ValueError(f"--teacher {cfg.teacher}: not a masked LM (its checkpoint has no MLM head: "
+                         f"{untrained_head[0]} is missing)")
+    if teacher.config.vocab_size != len(tokenizer):
+        raise ValueError(f"--teacher vocabulary ({teacher.config.vocab_size}) does not match the tokenizer's "
+                         f"({len(tokenizer)})")
+    return teacher.float().to(device).eval().requires_grad_(False)
+
+
+def load_data(cfg: TrainConfig, tokenizer, procs: distributed.Processes) -> TrainingData:
+    corpus = data.load_corpus(cfg.dataset, cfg.dataset_config, text_column=cfg.text_column,
+                              streaming=cfg.streaming, max_documents=cfg.max_documents)
+    sequences = data.tokenize_corpus(corpus, tokenizer, cfg.max_seq_len, cfg.num_proc if cfg.num_proc > 1 else None)
+    train_set, heldout = data.heldout_split(sequences, cfg.heldout_fraction, cfg.seed)
+    masker = data.DynamicMasker(
+        data.masking_probabilities(train_set, len(tokenizer), tokenizer.all_special_ids, cfg.mlm_smoothing),
+        tokenizer.mask_token_id, len(tokenizer), cfg.mlm_prob)
+    run_data = TrainingData(train_set, heldout, masker, tokenizer.pad_token_id, cfg.seed, cfg.batch_size,
+                            cfg.grad_accum * procs.world_size)
+    if run_data.steps_per_epoch == 0:
+        raise ValueError(f"--grad-accum {cfg.grad_accum} x {procs.world_size} processes exceeds the number of "
+                         "batches in an epoch")
+    return run_data
+
+
+def prepare_output_dir(cfg: TrainConfig, out: Path, procs: distributed.Processes, resumed: Progress | None,
+                       micro_per_step: int, total_steps: int) -> None:
+    """A fresh run clears what an earlier run left (--overwrite); a resumed one drops the records its
+    predecessor logged after the checkpoint, so that the log continues seamlessly."""
+    if resumed is not None:
+        _truncate_metrics(out / "metrics.jsonl", resumed.step)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    atomic_write_text(out / "config.json", json.dumps(
+        {**dataclasses.asdict(cfg), "world_size": procs.world_size, "effective_batch": cfg.batch_size * micro_per_step},
+        indent=2))
+    print(f"distilling {total_steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {procs.world_size} = "
+          f"{cfg.batch_size * micro_per_step} sequences (batch x grad-accum x processes)", file=sys.stderr)
+
+
+def finish(cfg: TrainConfig, out: Path, procs: distributed.Processes, progress: Progress, wall: float, tokenizer,
+           teacher, student, run_data: TrainingData, device) -> dict:
+    """Exports the student with its tokenizer and writes summary.json with the held-out metrics."""
+    export = out / "student"
+    student.save_pretrained(export)
+    tokenizer.save_pretrained(export)
+    summary = {"steps": progress.step, "skipped_steps": progress.skipped_steps,
+               "epochs_started": progress.epoch + (progress.step_in_epoch > 0), "wall_s": wall,
+               "world_size": procs.world_size, "effective_batch": cfg.batch_size * run_data.micro_per_step,
+               "train_sequences": len(run_data.train_set), "heldout_sequences": len(run_data.heldout),
+               "train_tokens": progress.tokens, "train_tokens_per_s": progress.tokens / max(wall, 1e-9),
+               "teacher_params": sum(p.numel() for p in teacher.parameters()),
+               "student_params": sum(p.numel() for p in student.parameters()),
+               **heldout_metrics(teacher, student, run_data.heldout_batches(), device)}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def resume(cfg: TrainConfig, out: Path, procs: distributed.Processes, student, optimizer, scheduler, scaler
+           ) -> Progress | None:
+    """Loads the checkpoint --resume names into the training objects; returns its progress, or None."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "latest":
+        found = checkpoint.load_latest(out / "checkpoints")
+        if found is None:
+            raise ValueError(f"--resume: no whole checkpoint in {out / 'checkpoints'}")
+        path, state = found
+    else:
+        path = Path(cfg.resume)
+        if not path.is_dir():
+            raise ValueError(f"--resume {path}: not a checkpoint directory")
+        state = checkpoint.load(path)
+    student.load_state_dict(state["student"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    if len(state["rng"]) == procs.world_size:  # with another number of processes, the seed alone decides
+        rng = state["rng"][procs.rank]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    progress = Progress(**state["progress"])
+    if procs.is_main:
+        print(f"resuming from {path} (step {progress.step})", file=sys.stderr)
+    return progress
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+class _StopOnSignal:
+    """SIGTERM (a preemption, torchrun stopping the job) or SIGINT: finish the current step, checkpoint, stop."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def cli(argv=None) -> int:
+    return run_command(lambda: main(parse_args(argv)), lambda summary: print(json.dumps(summary, indent=2)))
