@@ -8,8 +8,10 @@
 namespace fastdistil {
 namespace {
 
+// FASTDISTIL_GENERIC_ONLY builds what a CPU other than x86-64 gets, the 16-byte vector code alone: the way to
+// check that build on an x86-64 machine.
 bool supports(CpuIsa isa) {
-#if defined(__x86_64__) || defined(__i386__)
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(FASTDISTIL_GENERIC_ONLY)
   switch (isa) {
     case CpuIsa::Avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -17,12 +19,12 @@ bool supports(CpuIsa isa) {
              __builtin_cpu_supports("fma");
     case CpuIsa::Avx2:
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    case CpuIsa::Scalar:
+    case CpuIsa::Vec128:
       return true;
   }
   return false;
 #else
-  return isa == CpuIsa::Scalar;
+  return isa == CpuIsa::Vec128;
 #endif
 }
 
@@ -32,8 +34,8 @@ const char* name_of(CpuIsa isa) {
       return "avx512";
     case CpuIsa::Avx2:
       return "avx2";
-    case CpuIsa::Scalar:
-      return "scalar";
+    case CpuIsa::Vec128:
+      return "vec128";
   }
   return "?";
 }
@@ -42,19 +44,24 @@ CpuIsa best() {
   for (CpuIsa isa : {CpuIsa::Avx512, CpuIsa::Avx2}) {
     if (supports(isa)) return isa;
   }
-  return CpuIsa::Scalar;
+  return CpuIsa::Vec128;
 }
 
-CpuIsa parse(const std::string& name) {
+CpuIsa parse(std::string name) {
   if (name == "auto") return best();
-  for (CpuIsa isa : {CpuIsa::Avx512, CpuIsa::Avx2, CpuIsa::Scalar}) {
+  if (name == "scalar") {  // its name until 0.1: it was never scalar code, but 16-byte vectors
+    TORCH_WARN_DEPRECATION("fastdistil: cpu isa 'scalar' is now called 'vec128' (16-byte vectors); "
+                           "'scalar' will stop working in a later version");
+    name = "vec128";
+  }
+  for (CpuIsa isa : {CpuIsa::Avx512, CpuIsa::Avx2, CpuIsa::Vec128}) {
     if (name == name_of(isa)) {
       TORCH_CHECK(supports(isa), "fastdistil: cpu isa '", name, "' is not supported by this CPU (supported: ",
                   c10::Join(", ", supported_cpu_isas()), ")");
       return isa;
     }
   }
-  TORCH_CHECK(false, "fastdistil: cpu isa must be one of 'auto', 'avx512', 'avx2', 'scalar', got '", name, "'");
+  TORCH_CHECK(false, "fastdistil: cpu isa must be one of 'auto', 'avx512', 'avx2', 'vec128', got '", name, "'");
 }
 
 CpuIsa initial() {
@@ -77,7 +84,7 @@ void set_cpu_isa(const std::string& name) { current().store(static_cast<int>(par
 
 std::vector<std::string> supported_cpu_isas() {
   std::vector<std::string> out;
-  for (CpuIsa isa : {CpuIsa::Avx512, CpuIsa::Avx2, CpuIsa::Scalar}) {
+  for (CpuIsa isa : {CpuIsa::Avx512, CpuIsa::Avx2, CpuIsa::Vec128}) {
     if (supports(isa)) out.emplace_back(name_of(isa));
   }
   return out;

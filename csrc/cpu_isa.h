@@ -8,9 +8,10 @@
 
 namespace fastdistil {
 
-enum class CpuIsa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+enum class CpuIsa { Vec128 = 0, Avx2 = 1, Avx512 = 2 };
 
-// The ISA in use: FASTDISTIL_CPU_ISA (avx512 | avx2 | scalar) if set, else the best the CPU supports.
+// The ISA in use: FASTDISTIL_CPU_ISA (avx512 | avx2 | vec128) if set, else the best the CPU supports. vec128 is
+// 16-byte vector code (SSE2 on x86-64, NEON on ARM), which every CPU runs.
 CpuIsa cpu_isa();
 std::string cpu_isa_name();
 void set_cpu_isa(const std::string& name);

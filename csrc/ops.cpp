@@ -1,42 +1,28 @@
-// The fastdistil operator library: every schema is defined here, once.
+// The fastdistil operator library: the schema of every op, here and nowhere else (pytorch/extension-cpp's
+// layout). Each op's Python module (fastdistil/ops/) registers, in this order, its fake kernel, its autograd and
+// its implementations per device; the CPU kernels of the triple loss are the C++ ones of triple_loss_cpu.cpp.
 //
-// triple_loss is the public contract. It is CompositeImplicitAutograd: it calls _triple_loss_forward, which
-// computes the loss terms and the gradient of the weighted loss in the same pass, and whose autograd formula
-// (registered from Python, fastdistil/triple_loss.py) only scales that gradient. Device kernels register
-// against _triple_loss_forward (CPU: triple_loss_cpu.cpp; CUDA: kernels/triple_loss.py through Triton).
+// The public ops (triple_loss, fused_linear_triple_loss, attention) are CompositeImplicitAutograd, in Python:
+// each picks the implementation for its inputs' device and dtype and calls the private op that computes it.
+// The private forwards of the two losses return their gradients too, computed in the same pass; their
+// autograd (fastdistil/ops/precomputed.py) only scales them by grad_output in backward.
 
 #include <torch/extension.h>
 
 #include "cpu_isa.h"
 #include "gradient_buffer.h"
 
-namespace fastdistil {
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triple_loss(
-    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& labels,
-    const at::Tensor& student_hidden, const at::Tensor& teacher_hidden, const at::Tensor& attention_mask,
-    double temperature, double alpha_ce, double alpha_mlm, double alpha_cos, bool restrict_ce_to_mask) {
-  static auto forward = c10::Dispatcher::singleton()
-                            .findSchemaOrThrow("fastdistil::_triple_loss_forward", "")
-                            .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                                              at::Tensor>(
-                                const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const at::Tensor&, double, double, double, double, bool)>();
-  auto out = forward.call(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
-                          temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask);
-  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out)};
-}
-
 TORCH_LIBRARY(fastdistil, m) {
+  // --- the triple loss on logits (fastdistil/ops/triple_loss.py) ---
   m.def(
       "triple_loss(Tensor student_logits, Tensor teacher_logits, Tensor labels, Tensor student_hidden, "
       "Tensor teacher_hidden, Tensor attention_mask, float temperature=2.0, float alpha_ce=5.0, "
       "float alpha_mlm=2.0, float alpha_cos=1.0, bool restrict_ce_to_mask=False) "
       "-> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos)");
-  // The same computation, also returning the gradient of `loss` with respect to student_logits (in its dtype,
-  // times logits_grad_scale, a power of two that is 1 except for fp16 logits) and student_hidden (in its dtype,
-  // fp32 for fp16 hidden states): the forward rounds the gradient before any loss scale reaches it, and these
-  // keep fp16's small entries (kernels/gradient_scale.py says how). What the device kernels implement.
+  // The gradient of `loss` with respect to student_logits (in its dtype, times logits_grad_scale, a power of
+  // two that is 1 except for fp16 logits) and student_hidden (in its dtype, fp32 for fp16 hidden states): the
+  // forward rounds the gradient before any loss scale reaches it, and these keep fp16's small entries
+  // (kernels/gradient_scale.py says how).
   m.def(
       "_triple_loss_forward(Tensor student_logits, Tensor teacher_logits, Tensor labels, Tensor student_hidden, "
       "Tensor teacher_hidden, Tensor attention_mask, float temperature, float alpha_ce, float alpha_mlm, "
@@ -53,23 +39,47 @@ TORCH_LIBRARY(fastdistil, m) {
       "float alpha_cos, bool restrict_ce_to_mask, *, Tensor(a!) grad_student_logits, "
       "Tensor(b!) grad_student_hidden, float logits_grad_scale=1.0) "
       "-> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos)");
-  // Backward of _triple_loss_forward: grad *= scale in place (scale is grad_output, a 0-dim fp32 tensor), in
-  // fp32 with a single rounding, and nothing at all when scale is exactly 1.
+  // The backward of the precomputed gradients: grad *= scale in place (scale: a one-element fp32 tensor on
+  // grad's device), in fp32 with a single rounding, and nothing at all when scale is exactly 1.
   m.def("_scale_gradient_(Tensor(a!) grad, Tensor scale) -> ()");
-}
 
-TORCH_LIBRARY_IMPL(fastdistil, CompositeImplicitAutograd, m) {
-  m.impl("triple_loss", &triple_loss);
-}
+  // --- the vocabulary projections and the triple loss, chunk by chunk (fused_linear_triple_loss.py) ---
+  m.def(
+      "fused_linear_triple_loss(Tensor student_input, Tensor student_weight, Tensor? student_bias, "
+      "Tensor teacher_input, Tensor teacher_weight, Tensor? teacher_bias, Tensor labels, Tensor student_hidden, "
+      "Tensor teacher_hidden, Tensor attention_mask, float temperature=2.0, float alpha_ce=5.0, "
+      "float alpha_mlm=2.0, float alpha_cos=1.0, bool restrict_ce_to_mask=False, int chunk_size=0) "
+      "-> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos)");
+  // The gradients in the inputs' dtypes (fp32 for fp16 inputs), the input, weight and bias ones times
+  // logits_grad_scale.
+  m.def(
+      "_fused_linear_triple_loss_forward(Tensor student_input, Tensor student_weight, Tensor? student_bias, "
+      "Tensor teacher_input, Tensor teacher_weight, Tensor? teacher_bias, Tensor labels, Tensor student_hidden, "
+      "Tensor teacher_hidden, Tensor attention_mask, float temperature=2.0, float alpha_ce=5.0, "
+      "float alpha_mlm=2.0, float alpha_cos=1.0, bool restrict_ce_to_mask=False, int chunk_size=0) "
+      "-> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos, Tensor grad_student_input, "
+      "Tensor grad_student_weight, Tensor grad_student_bias, Tensor grad_student_hidden, "
+      "Tensor logits_grad_scale)");
 
-}  // namespace fastdistil
+  // --- the student's attention (attention.py) ---
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None, float dropout_p=0.0, "
+      "float? scale=None) -> Tensor");
+  // (out [B, H, L, Dh], logsumexp [B, H, L] fp32); seed: the [1] int64 Philox seed of the dropout.
+  m.def(
+      "_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float dropout_p, float scale, "
+      "Tensor seed) -> (Tensor, Tensor)");
+  m.def(
+      "_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
+      "Tensor seed, Tensor out, Tensor lse, float dropout_p, float scale) -> (Tensor, Tensor, Tensor)");
+}
 
 // A real Python module, so that `import fastdistil._C` loads this library and runs the registrations above.
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastdistil CPU kernels; the operators live in torch.ops.fastdistil";
   m.def("cpu_isa", &fastdistil::cpu_isa_name, "Instruction set the CPU kernels dispatch to.");
   m.def("set_cpu_isa", &fastdistil::set_cpu_isa,
-        "Force the CPU kernels onto 'avx512', 'avx2' or 'scalar' (for tests), or 'auto' for the best this CPU runs.");
+        "Force the CPU kernels onto 'avx512', 'avx2' or 'vec128' (for tests), or 'auto' for the best this CPU runs.");
   m.def("supported_cpu_isas", &fastdistil::supported_cpu_isas, "Instruction sets this CPU can run.");
   m.def("release_gradient_cache", &fastdistil::release_gradient_cache,
         "Frees the idle [N, V] gradient buffer the CPU op keeps between steps; returns its size in bytes.");

@@ -47,7 +47,7 @@ void rows(const RowsArgs& args, int64_t begin, int64_t end, float* scratch);
 namespace avx2 {
 void rows(const RowsArgs& args, int64_t begin, int64_t end, float* scratch);
 }
-namespace scalar {
+namespace vec128 {
 void rows(const RowsArgs& args, int64_t begin, int64_t end, float* scratch);
 }
 

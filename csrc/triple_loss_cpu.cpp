@@ -32,7 +32,7 @@ namespace {
 RowsFn rows_for(CpuIsa isa) {
   if (isa == CpuIsa::Avx512) return &avx512::rows;
   if (isa == CpuIsa::Avx2) return &avx2::rows;
-  return &scalar::rows;
+  return &vec128::rows;
 }
 
 bool is_logit_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
@@ -70,7 +70,8 @@ void float64_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& la
   std::memcpy(cos_rows, cos_loss.contiguous().data_ptr<double>(), N * sizeof(double));
 }
 
-// Every check runs before anything is written, so a bad call leaves the output buffers as they were.
+// Every check runs before anything is written, so a bad call leaves the output buffers as they were. The words
+// are fastdistil/ops/checks.py's, which the Python API checks first.
 void check_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& labels, const at::Tensor& hs,
                   const at::Tensor& ht, const at::Tensor& mask, double temperature, double alpha_ce,
                   double alpha_mlm, double alpha_cos) {
@@ -108,12 +109,12 @@ void check_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& la
               "triple_loss: student_hidden must have shape [", lead, ", D] with D > 0, got ", hs.sizes());
   TORCH_CHECK(ht.sizes() == hs.sizes(), "triple_loss: teacher_hidden must have the shape of student_hidden ",
               hs.sizes(), ", got ", ht.sizes());
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "triple_loss: temperature must be > 0, got ",
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "triple_loss: temperature must be > 0 and finite, got ",
               temperature);
   const std::pair<const char*, double> alphas[] = {
       {"alpha_ce", alpha_ce}, {"alpha_mlm", alpha_mlm}, {"alpha_cos", alpha_cos}};
   for (const auto& [name, value] : alphas) {
-    TORCH_CHECK(std::isfinite(value) && value >= 0, "triple_loss: ", name, " must be >= 0, got ", value);
+    TORCH_CHECK(std::isfinite(value) && value >= 0, "triple_loss: ", name, " must be >= 0 and finite, got ", value);
   }
 }
 

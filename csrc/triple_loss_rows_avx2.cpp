@@ -1,7 +1,7 @@
 // The row kernels compiled for AVX2; cpu_isa.cpp decides at run time whether this CPU may run them.
 #include "triple_loss.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(FASTDISTIL_GENERIC_ONLY)
 #pragma GCC target("avx2,fma,f16c")
 #define FASTDISTIL_VECTOR_BYTES 32
 namespace fastdistil::avx2 {
@@ -9,6 +9,6 @@ namespace fastdistil::avx2 {
 }  // namespace fastdistil::avx2
 #else
 namespace fastdistil::avx2 {
-void rows(const RowsArgs&, int64_t, int64_t, float*) { TORCH_CHECK(false, "fastdistil: avx2 kernels exist on x86-64 only"); }
+void rows(const RowsArgs&, int64_t, int64_t, float*) { TORCH_CHECK(false, "fastdistil: avx2 kernels exist on x86-64 only (this build has none)"); }
 }  // namespace fastdistil::avx2
 #endif

@@ -1,7 +1,7 @@
 // The row kernels compiled for AVX512; cpu_isa.cpp decides at run time whether this CPU may run them.
 #include "triple_loss.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(FASTDISTIL_GENERIC_ONLY)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #define FASTDISTIL_VECTOR_BYTES 64
 namespace fastdistil::avx512 {
@@ -9,6 +9,6 @@ namespace fastdistil::avx512 {
 }  // namespace fastdistil::avx512
 #else
 namespace fastdistil::avx512 {
-void rows(const RowsArgs&, int64_t, int64_t, float*) { TORCH_CHECK(false, "fastdistil: avx512 kernels exist on x86-64 only"); }
+void rows(const RowsArgs&, int64_t, int64_t, float*) { TORCH_CHECK(false, "fastdistil: avx512 kernels exist on x86-64 only (this build has none)"); }
 }  // namespace fastdistil::avx512
 #endif

@@ -17,12 +17,23 @@ if importlib.util.find_spec(f"{__name__}.kernels") is None:
 from fastdistil.ops import extension
 from fastdistil.ops.attention import attention, register_with_transformers
 from fastdistil.ops.extension import release_gradient_cache
-from fastdistil.ops.fused_linear_triple_loss import fused_linear_triple_loss
+from fastdistil.ops.fused_linear_triple_loss import FusedLinearTripleLoss, fused_linear_triple_loss
 from fastdistil.ops.reference import triple_loss_reference
 from fastdistil.ops.triple_loss import TripleLoss, triple_loss
-from fastdistil.ops.outputs import TripleLossOutput
+from fastdistil.ops.values import TripleLossArgs, TripleLossOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["TripleLoss", "TripleLossOutput", "attention", "extension", "fused_linear_triple_loss",
-           "register_with_transformers", "release_gradient_cache", "triple_loss", "triple_loss_reference"]
+__all__ = ["FusedLinearTripleLoss", "ProjectionInputs", "TripleLoss", "TripleLossArgs", "TripleLossOutput",
+           "attention", "extension", "fused_linear_triple_loss", "register_with_transformers",
+           "release_gradient_cache", "triple_loss", "triple_loss_reference"]
+
+
+def __getattr__(name: str):
+    # ProjectionInputs wraps transformers' models: importing it on first use keeps `import fastdistil` (and the
+    # ops alone) free of transformers.
+    if name == "ProjectionInputs":
+        from fastdistil.train.heads import ProjectionInputs
+
+        return ProjectionInputs
+    raise AttributeError(f"module 'fastdistil' has no attribute {name!r}")

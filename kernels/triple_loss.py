@@ -11,13 +11,12 @@ normalizers (numbers of selected, labelled and real rows) are counted by torch o
 kernels, so nothing waits for the host. Computation is in fp32, in fp64 for fp64 inputs (gradient checks).
 
 torch.compile: torch.library.triton_op cannot serve here, because it defines its op and the schema is already
-defined in C++ (csrc/ops.cpp); a second definition is refused. register_cuda_kernel() therefore does by hand what
-triton_op does for the ops it defines: the launchers go through torch.library.wrap_triton when traced, and a
-FunctionalTensorMode rule runs them while AOTAutograd traces the op on CUDA tensors, so the graph Inductor
-compiles holds the Triton kernels themselves instead of an opaque call. wrap_triton alone would not do it: during
-tracing the dispatcher calls the fake kernel, never the CUDA one. Not yet run on a GPU (none here): AOTAutograd's
-trace was checked on fake tensors with Triton pointed at an sm80 target (the forward graph holds both kernels, the
-backward the scaling kernel, each marked as writing only its outputs); Inductor compiling them is unverified.
+defined in C++ (csrc/ops.cpp); a second definition is refused. fastdistil/ops/triple_loss.py therefore does by
+hand what triton_op does for the ops it defines: the launchers go through torch.library.wrap_triton when traced
+(traceable=True), and a FunctionalTensorMode rule runs them while AOTAutograd traces the op on CUDA tensors, so
+the graph Inductor compiles holds the Triton kernels themselves instead of an opaque call, whenever torch's
+analysis of these kernels can be trusted (traced_compile_unsupported, below). The launchers take their inputs as
+checked (fastdistil/ops/checks.py): this module imports nothing of fastdistil above it.
 """
 
 import contextlib
@@ -265,14 +264,6 @@ def triple_loss_forward(
     tensors (the logits one in their dtype times logits_grad_scale, the hidden one in hidden_grad_dtype), and
     that 0-dim scale.
     """
-    from fastdistil.ops.triple_loss import check_inputs, triton_unsupported  # fastdistil imports this module
-
-    check_inputs(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
-                 temperature, alpha_ce, alpha_mlm, alpha_cos)
-    unsupported = triton_unsupported(student_logits.device, student_logits.dtype)
-    if unsupported:
-        raise ValueError(f"triple_loss: the Triton kernel cannot run {student_logits.dtype} student_logits on "
-                         f"{student_logits.device}: {unsupported}")
     s, t, flat_labels = _flatten_logits(student_logits, teacher_logits, labels)
     n_rows, dim = flat_labels.numel(), student_hidden.size(-1)
     hs = student_hidden.reshape(n_rows, dim).contiguous()
@@ -424,31 +415,3 @@ def traced_compile_unsupported() -> str | None:
             return (f"torch's kernel analysis finds {kernel.fn.__name__} writing {sorted(written)}, not just "
                     f"{sorted(_KERNEL_OUTPUTS[kernel])} (pytorch#170049)")
     return None
-
-
-def _trace_on_cuda(launcher):
-    """FunctionalTensorMode rule (what triton_op registers for its own ops): AOTAutograd traces the launcher on
-    CUDA tensors, so the graph holds its Triton kernels. Other devices, torch.export (which should keep the op
-    whole rather than Triton source) and a torch whose kernel analysis cannot be trusted here
-    (traced_compile_unsupported) get the mode's usual handling: the fake kernel, and the op stays opaque."""
-
-    def rule(mode, op, types, args, kwargs):
-        if args[0].device.type != "cuda" or torch.compiler.is_exporting() or traced_compile_unsupported():
-            return mode.__torch_dispatch__(op, types, args, kwargs)
-        with mode:
-            return launcher(*args, **kwargs, traceable=True)
-
-    return rule
-
-
-@functools.cache
-def register_cuda_kernel() -> None:
-    """Makes the launchers the CUDA kernels of fastdistil::_triple_loss_forward and _scale_gradient_ (needs
-    fastdistil._C, which defines the schemas), traced into by torch.compile. Idempotent: the dispatcher refuses a
-    second Python kernel for the same key."""
-    from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-    for op, launcher in (("fastdistil::_triple_loss_forward", triple_loss_forward),
-                         ("fastdistil::_scale_gradient_", scale_gradient_)):
-        torch.library.register_kernel(op, "cuda", launcher)
-        torch.library.register_torch_dispatch(op, FunctionalTensorMode, _trace_on_cuda(launcher))

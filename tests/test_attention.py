@@ -25,7 +25,7 @@ from fastdistil.ops.attention import (  # noqa: E402  (fastdistil.attention is a
     _transformers_attention,
     attention,
     auto_backend,
-    check_inputs,
+    check_triton,
     register_with_transformers,
 )
 from fastdistil.kernels import attention as kernel_module  # noqa: E402
@@ -236,15 +236,15 @@ def test_fake_kernels_match_the_launchers():
     (dict(q=torch.zeros(2, 17, 32)), ValueError, r"q must be \[B, H, L, Dh\]"),
     (dict(k=torch.zeros(2, 2, 16, 32)), ValueError, "q, k and v must have one shape"),
     (dict(v="v"), TypeError, "v must be a torch.Tensor"),
-    (dict(q=torch.zeros(2, 2, 17, 32, dtype=torch.float64)), TypeError, "q must be float32, float16 or bfloat16"),
-    (dict(k=torch.zeros(2, 2, 17, 32, dtype=torch.float16)), ValueError, "k is torch.float16"),
+    (dict(q=torch.zeros(2, 2, 17, 32, dtype=torch.float64)), TypeError, "q must be float32, bfloat16 or float16"),
+    (dict(k=torch.zeros(2, 2, 17, 32, dtype=torch.float16)), TypeError, "k is torch.float16 but q is torch.float32"),
     (dict(q=torch.zeros(2, 2, 17, 48), k=torch.zeros(2, 2, 17, 48), v=torch.zeros(2, 2, 17, 48)), ValueError,
      r"head dims \(32, 64, 128\)"),
     (dict(key_padding_mask=torch.ones(2, 16, dtype=torch.bool)), ValueError, r"key_padding_mask must have shape"),
     (dict(key_padding_mask=torch.ones(2, 17)), TypeError, "key_padding_mask must be bool or integer"),
     (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
     (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
-    (dict(scale=0.0), ValueError, "scale must be a positive"),
+    (dict(scale=0.0), ValueError, "scale must be > 0 and finite"),
     (dict(backend="flash"), ValueError, "backend must be one of"),
 ])
 def test_bad_inputs_name_the_argument(change, error, match):
@@ -383,14 +383,14 @@ def test_bf16_before_sm80_is_refused_by_name(fake_gpu):
     with FakeTensorMode(allow_non_fake_inputs=True):
         with pytest.raises(ValueError, match=r"bfloat16 on cuda.*sm70 has no bf16; use fp16 or fp32"):
             attention(*fake_cuda_qkv(torch.bfloat16), backend="triton")
-        check_inputs(*fake_cuda_qkv(torch.float16), None, 0.0, None, triton=True)
+        check_triton(fake_cuda_qkv(torch.float16)[0])
         fake_gpu((8, 0))
-        check_inputs(*fake_cuda_qkv(torch.bfloat16), None, 0.0, None, triton=True)
+        check_triton(fake_cuda_qkv(torch.bfloat16)[0])
 
 
 def test_bf16_on_cpu_stays_allowed_for_the_interpreter():
-    q, k, v = (x.detach().cpu().to(torch.bfloat16) for x in make_qkv(length=9, dim=32))
-    check_inputs(q, k, v, None, 0.0, None, triton=True)
+    q = make_qkv(length=9, dim=32)[0].detach().cpu().to(torch.bfloat16)
+    check_triton(q)
 
 
 

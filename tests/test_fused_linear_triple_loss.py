@@ -226,7 +226,7 @@ def test_opcheck(requires_grad):
     (dict(student_weight=torch.zeros(V, D + 1)), "student_weight must be"),
     (dict(teacher_weight=torch.zeros(V + 1, D)), "teacher_weight must be"),
     (dict(student_bias=torch.zeros(V + 1)), "student_bias must be"),
-    (dict(labels=torch.zeros(3, 22, dtype=torch.int64)), "labels must have the leading shape"),
+    (dict(labels=torch.zeros(3, 22, dtype=torch.int64)), "labels must have shape"),
     (dict(labels=torch.zeros(3, 23, dtype=torch.int32)), "labels must be int64"),
     (dict(teacher_hidden=torch.zeros(3, 23, H + 1)), "teacher_hidden must have the shape"),
     (dict(student_input=torch.zeros(3, 23, D, dtype=torch.float64)), "student_input must be float32"),

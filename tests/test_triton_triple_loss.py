@@ -7,6 +7,7 @@ shrinking the block size instead of growing the vocabulary. The full-size compar
 
 import functools
 import os
+import sys
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ triton = pytest.importorskip("triton")
 import fastdistil  # noqa: E402
 from fastdistil import extension  # noqa: E402
 from fastdistil.kernels import triple_loss as kernel_module  # noqa: E402
-from fastdistil.kernels.triple_loss import register_cuda_kernel, triple_loss_forward  # noqa: E402
+from fastdistil.ops.triple_loss import triton_forward as triple_loss_forward  # noqa: E402
 from helpers import TERMS, check_against_reference, check_fp16_under_loss_scale, make_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -232,14 +233,15 @@ def test_compile_rule_keeps_the_op_opaque_when_the_analysis_is_broken(monkeypatc
         mode.traced = True
 
     cuda_tensor = type("CudaTensor", (), {"device": torch.device("cuda")})()
-    kernel_module._trace_on_cuda(launcher)(mode, None, (), (cuda_tensor,), {})
+    sys.modules["fastdistil.ops.triple_loss"]._traced_on_cuda(launcher)(mode, None, (), (cuda_tensor,), {})
     assert (mode.traced, mode.opaque) == ((True, False) if analysis_ok else (False, True))
 
 
 @pytest.mark.skipif(not extension.AVAILABLE, reason="needs fastdistil._C (it defines the op's schema)")
-def test_register_cuda_kernel_is_idempotent():
-    register_cuda_kernel()
-    register_cuda_kernel()
+def test_the_triton_kernels_become_the_ops_cuda_implementations():
+    assert sys.modules["fastdistil.ops.triple_loss"].triton_kernels_error() is None
+    for op in ("fastdistil::_triple_loss_forward", "fastdistil::_scale_gradient_"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), op
 
 
 @pytest.mark.cuda
@@ -259,6 +261,5 @@ def test_full_size_on_cuda(dtype, restrict):
     for a, b in zip(first, triple_loss_forward(*args)):
         assert torch.equal(a, b)
     if extension.AVAILABLE:
-        register_cuda_kernel()
         for a, b in zip(first, torch.ops.fastdistil._triple_loss_forward(*args)):
             assert torch.equal(a, b)

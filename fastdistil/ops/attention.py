@@ -6,7 +6,9 @@ hook into transformers' attention registry.
 
 A query row whose keys are all padding (a sequence that is all padding) gets output 0 and gradient 0, never NaN.
 
-fastdistil::attention decomposes (CompositeImplicitAutograd) into, per DESIGN.md's support matrix:
+The op in the order every op module follows: its schemas (csrc/ops.cpp), fake kernels, autograd, then one
+implementation per device, and the Python API last. fastdistil::attention decomposes (CompositeImplicitAutograd)
+into, per DESIGN.md's support matrix:
 - the fused Triton kernel (kernels/attention.py) for fp16/bf16 on CUDA GPUs of compute capability 8.0 and
   newer, through the private ops fastdistil::_attention_forward / _attention_backward (CUDA kernels, fake
   kernels and autograd registered here, so torch.compile sees them as opaque ops);
@@ -15,7 +17,8 @@ fastdistil::attention decomposes (CompositeImplicitAutograd) into, per DESIGN.md
   run about 10x slower than SDPA's fp32 kernels) and for head dims the kernel does not cover.
 backend="triton" runs the kernel in any of fp32/fp16/bf16, except bf16 on GPUs older than sm80, which have none.
 The dropout of the Triton kernel is keyed by a seed drawn on the device from torch's generator, so
-torch.manual_seed makes it reproducible and nothing waits for the host.
+torch.manual_seed makes it reproducible and nothing waits for the host. Without fastdistil._C (which defines the
+ops) the Python API runs SDPA, or the launchers directly with backend="triton".
 """
 
 import functools
@@ -25,52 +28,23 @@ import torch
 import torch.nn.functional as F
 
 from fastdistil.kernels.layout import empty_bhld
+from fastdistil.ops import checks, extension
 
 Backend = Literal["auto", "triton", "sdpa"]
 BACKENDS = ("auto", "triton", "sdpa")
 HEAD_DIMS = (32, 64, 128)  # of the Triton kernel
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = checks.LOGIT_DTYPES
 
 
-def check_inputs(q, k, v, key_padding_mask, dropout_p: float, scale: float | None, triton: bool) -> None:
-    """Raises TypeError/ValueError naming the offending argument. triton: also the kernel's own limits."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"attention: {name} must be [B, H, L, Dh], got shape {tuple(x.shape)}")
-        if x.dtype not in DTYPES:
-            raise TypeError(f"attention: {name} must be float32, float16 or bfloat16, got {x.dtype}")
-        if x.device != q.device or x.dtype != q.dtype:
-            raise ValueError(f"attention: {name} is {x.dtype} on {x.device} but q is {q.dtype} on {q.device}; "
-                             "expected one dtype and device")
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"attention: q, k and v must have one shape [B, H, L, Dh] (self-attention), got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
-    if triton and q.size(-1) not in HEAD_DIMS:
+def check_triton(q: torch.Tensor) -> None:
+    """The Triton kernel's own limits, beyond the checks every attention call passes (checks.attention)."""
+    if q.size(-1) not in HEAD_DIMS:
         raise ValueError(f"attention: the Triton kernel takes head dims {HEAD_DIMS}, got q.size(-1) = {q.size(-1)}")
-    if triton and q.dtype == torch.bfloat16 and q.device.type == "cuda":
+    if q.dtype == torch.bfloat16 and q.device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(q.device)
         if major < 8:
             raise ValueError(f"attention: q is {q.dtype} on {q.device}, but sm{major}{minor} has no bf16; "
                              "use fp16 or fp32")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError(f"attention: key_padding_mask must be a torch.Tensor or None, got "
-                            f"{type(key_padding_mask).__name__}")
-        if key_padding_mask.is_floating_point() or key_padding_mask.is_complex():
-            raise TypeError("attention: key_padding_mask must be bool or integer (1 = real token, 0 = padding), "
-                            f"got {key_padding_mask.dtype}")
-        expected = (q.size(0), q.size(2))
-        if tuple(key_padding_mask.shape) != expected:
-            raise ValueError(f"attention: key_padding_mask must have shape [B, L] = {expected}, got "
-                             f"{tuple(key_padding_mask.shape)}")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"attention: key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
-    if scale is not None and not (scale > 0 and scale < float("inf")):
-        raise ValueError(f"attention: scale must be a positive finite number or None (1 / sqrt(Dh)), got {scale}")
 
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:
@@ -96,34 +70,21 @@ def _seed(q: torch.Tensor, dropout_p: float) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
 
 
-# The Triton kernels as CUDA ops. Their bodies import the launchers lazily: importing kernels.attention
-# compiles nothing yet but fixes Triton's interpreter/compiler mode, which a CPU test may still need to set.
-@torch.library.custom_op("fastdistil::_attention_forward", mutates_args=(), device_types="cuda")
-def _attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                       dropout_p: float, scale: float, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from fastdistil.kernels.attention import attention_forward
+# --- fake kernels (schemas: csrc/ops.cpp) ------------------------------------------------------------------
 
-    return attention_forward(q, k, v, key_padding_mask, dropout_p, scale, seed)
-
-
-@torch.library.custom_op("fastdistil::_attention_backward", mutates_args=(), device_types="cuda")
-def _attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        key_padding_mask: torch.Tensor | None, seed: torch.Tensor, out: torch.Tensor,
-                        lse: torch.Tensor, dropout_p: float, scale: float
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from fastdistil.kernels.attention import attention_backward
-
-    return attention_backward(grad_out, q, k, v, key_padding_mask, seed, out, lse, dropout_p, scale)
-
-
-@_attention_forward.register_fake
-def _(q, k, v, key_padding_mask, dropout_p, scale, seed):
+def _forward_fake(q, k, v, key_padding_mask, dropout_p, scale, seed):
     return empty_bhld(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@_attention_backward.register_fake
-def _(grad_out, q, k, v, key_padding_mask, seed, out, lse, dropout_p, scale):
+def _backward_fake(grad_out, q, k, v, key_padding_mask, seed, out, lse, dropout_p, scale):
     return empty_bhld(q), empty_bhld(k), empty_bhld(v)
+
+
+if extension.AVAILABLE:
+    torch.library.register_fake("fastdistil::_attention_forward", _forward_fake)
+    torch.library.register_fake("fastdistil::_attention_backward", _backward_fake)
+
+# --- autograd: the backward recomputes the probabilities from the saved logsumexp ---------------------------
 
 
 def _setup_context(ctx, inputs, output):
@@ -141,33 +102,54 @@ def _backward_with(backward_fn, ctx, grad_out, _grad_lse):
     return dq, dk, dv, None, None, None, None
 
 
-_attention_forward.register_autograd(functools.partial(_backward_with, _attention_backward),
-                                     setup_context=_setup_context)
+if extension.AVAILABLE:
+    torch.library.register_autograd(
+        "fastdistil::_attention_forward",
+        functools.partial(_backward_with, torch.ops.fastdistil._attention_backward), setup_context=_setup_context)
+
+# --- implementations: the Triton launchers on CUDA ------------------------------------------------------------
+# Imported on first call: importing kernels.attention compiles nothing yet but fixes Triton's interpreter or
+# compiler mode, which a CPU test may still need to set.
+
+
+def _triton_forward(q, k, v, key_padding_mask, dropout_p, scale, seed):
+    from fastdistil.kernels.attention import attention_forward
+
+    return attention_forward(q, k, v, key_padding_mask, dropout_p, scale, seed)
+
+
+def _triton_backward(grad_out, q, k, v, key_padding_mask, seed, out, lse, dropout_p, scale):
+    from fastdistil.kernels.attention import attention_backward
+
+    return attention_backward(grad_out, q, k, v, key_padding_mask, seed, out, lse, dropout_p, scale)
+
+
+if extension.AVAILABLE:
+    torch.library.register_kernel("fastdistil::_attention_forward", "cuda", _triton_forward)
+    torch.library.register_kernel("fastdistil::_attention_backward", "cuda", _triton_backward)
 
 
 class _TritonAttention(torch.autograd.Function):
-    """Autograd around the launchers called directly (backend="triton"), which also run on CPU tensors under
-    TRITON_INTERPRET=1; on CUDA, backend="auto" reaches the same launchers through the ops."""
+    """The same autograd around the launchers called directly (backend="triton"), which also run on CPU
+    tensors under TRITON_INTERPRET=1."""
 
     @staticmethod
     def forward(ctx, *args):
-        from fastdistil.kernels.attention import attention_forward
-
-        output = attention_forward(*args)
+        output = _triton_forward(*args)
         _setup_context(ctx, args, output)
         return output
 
     @staticmethod
     def backward(ctx, *grads):
-        from fastdistil.kernels.attention import attention_backward
-
-        return _backward_with(attention_backward, ctx, *grads)
+        return _backward_with(_triton_backward, ctx, *grads)
 
 
 def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, str]:
     """(backend, why) that backend="auto" picks for inputs of this device, dtype and head dim."""
     if device.type != "cuda":
         return "sdpa", f"{device.type} tensors"
+    if not extension.AVAILABLE:
+        return "sdpa", "fastdistil._C, which defines the kernel's op, is not loaded"
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
         return "sdpa", f"sm{major}{minor}: Triton has no tensor-core matmul before sm80"
@@ -182,19 +164,19 @@ def auto_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> tup
     return "triton", f"sm{major}{minor}"
 
 
-torch.library.define(
-    "fastdistil::attention",
-    "(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None, float dropout_p=0.0, float? scale=None) -> Tensor",
-)
-
-
-@torch.library.impl("fastdistil::attention", "CompositeImplicitAutograd")
-def _attention_op(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None):
-    check_inputs(q, k, v, key_padding_mask, dropout_p, scale, triton=False)
+def _composite(q, k, v, key_padding_mask=None, dropout_p=0.0, scale=None):
+    """fastdistil::attention: the Triton kernel where auto_backend picks it, SDPA elsewhere."""
+    checks.attention(q, k, v, key_padding_mask, dropout_p, scale)
     if auto_backend(q.device, q.dtype, q.size(-1))[0] == "triton":
         return torch.ops.fastdistil._attention_forward(q, k, v, key_padding_mask, dropout_p, _scale(q, scale),
                                                         _seed(q, dropout_p))[0]
     return _sdpa(q, k, v, key_padding_mask, dropout_p, scale)
+
+
+if extension.AVAILABLE:
+    torch.library.impl("fastdistil::attention", "CompositeImplicitAutograd", _composite)
+
+# --- the Python API -----------------------------------------------------------------------------------------
 
 
 def attention(
@@ -225,10 +207,12 @@ def attention(
     if backend not in BACKENDS:
         raise ValueError(f"attention: backend must be one of {BACKENDS}, got {backend!r}")
     dropout_p = float(dropout_p)
-    check_inputs(q, k, v, key_padding_mask, dropout_p, scale, triton=backend == "triton")
-    if backend == "auto":
+    checks.attention(q, k, v, key_padding_mask, dropout_p, scale)
+    if backend == "triton":
+        check_triton(q)
+    if backend == "auto" and extension.AVAILABLE:
         return torch.ops.fastdistil.attention(q, k, v, key_padding_mask, dropout_p, scale)
-    if backend == "sdpa":
+    if backend != "triton":
         return _sdpa(q, k, v, key_padding_mask, dropout_p, scale)
     return _TritonAttention.apply(q, k, v, key_padding_mask, dropout_p, _scale(q, scale), _seed(q, dropout_p))[0]
 

@@ -42,7 +42,7 @@ if not AVAILABLE:
 
 
 def cpu_isa() -> str:
-    """The instruction set the CPU kernels use ('avx512', 'avx2' or 'scalar'), or 'unavailable'."""
+    """The instruction set the CPU kernels use ('avx512', 'avx2' or 'vec128'), or 'unavailable'."""
     return _C.cpu_isa() if AVAILABLE else "unavailable"
 
 

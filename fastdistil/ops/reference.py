@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastdistil.ops.outputs import TripleLossOutput
+from fastdistil.ops.values import TripleLossOutput
 
 
 def triple_loss_reference(

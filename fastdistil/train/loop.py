@@ -26,7 +26,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, get_linear_schedul
 from fastdistil import assets
 from fastdistil.commands import atomic_write_text, device_of, run_command
 from fastdistil.ops.attention import register_with_transformers
-from fastdistil.ops.outputs import TripleLossOutput
+from fastdistil.ops.values import TripleLossOutput
 from fastdistil.train import checkpoint, data, distributed, heads
 from fastdistil.train.config import DEFAULT_MAX_STEPS, TrainConfig, check_config, parse_args
 from fastdistil.train.step import heldout_metrics, make_optimizer, train_step

@@ -4,7 +4,7 @@ held-out metrics a run ends with."""
 import torch
 
 import fastdistil
-from fastdistil.ops.outputs import TripleLossOutput
+from fastdistil.ops.values import TripleLossOutput
 from fastdistil.train import heads
 from fastdistil.train.config import TrainConfig
 

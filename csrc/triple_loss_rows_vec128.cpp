@@ -2,6 +2,6 @@
 #include "triple_loss.h"
 
 #define FASTDISTIL_VECTOR_BYTES 16
-namespace fastdistil::scalar {
+namespace fastdistil::vec128 {
 #include "triple_loss_rows.h"
-}  // namespace fastdistil::scalar
+}  // namespace fastdistil::vec128

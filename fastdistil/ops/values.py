@@ -1,0 +1,33 @@
+"""What the triple-loss implementations take and return, by name."""
+
+from typing import NamedTuple
+
+import torch
+
+
+class TripleLossArgs(NamedTuple):
+    """The arguments of torch.ops.fastdistil.triple_loss (and of its private forward), in schema order."""
+
+    student_logits: torch.Tensor  # [..., V]
+    teacher_logits: torch.Tensor  # [..., V]
+    labels: torch.Tensor  # [...] int64, -100 where a row is not an MLM target
+    student_hidden: torch.Tensor  # [..., D]
+    teacher_hidden: torch.Tensor  # [..., D]
+    attention_mask: torch.Tensor  # [...] bool or integer, 0 = padding
+    temperature: float = 2.0
+    alpha_ce: float = 5.0
+    alpha_mlm: float = 2.0
+    alpha_cos: float = 1.0
+    restrict_ce_to_mask: bool = False
+
+
+class TripleLossOutput(NamedTuple):
+    """The weighted loss to backpropagate and its three unweighted terms, each a 0-dim fp32 tensor.
+
+    Only `loss` carries a gradient in the fused implementations; the terms are for logging.
+    """
+
+    loss: torch.Tensor
+    loss_ce: torch.Tensor
+    loss_mlm: torch.Tensor
+    loss_cos: torch.Tensor
