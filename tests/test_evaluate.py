@@ -12,7 +12,7 @@ import torch
 
 from fastdistil import train
 from fastdistil.evaluate import finetune as evaluate
-from fastdistil.evaluate import metrics, tasks
+from fastdistil.evaluate import tasks
 from training_runs import args
 
 TINY = ["--max-train-examples", "64", "--max-eval-examples", "32", "--epochs", "1", "--batch-size", "16",
