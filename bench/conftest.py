@@ -5,7 +5,6 @@ item here gets the `bench` marker, so `pytest tests bench -m "not bench"` also l
 """
 
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -17,13 +16,11 @@ import torch
 if os.environ.get("FASTDISTIL_BENCH_TINY", "0") == "1" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-BENCH_DIR = Path(__file__).resolve().parent
-# The suites import their helpers (memory.py, bandwidth.py) by name, whatever pytest's import mode.
-sys.path.insert(0, str(BENCH_DIR))
+from bench.bandwidth import copy_bandwidth as measure_copy_bandwidth  # noqa: E402
+from bench.gpu import device_facts  # noqa: E402
+from bench.machine import CpuContention, cpu_flags, cpu_model, git_revision  # noqa: E402
 
-from bandwidth import copy_bandwidth as measure_copy_bandwidth  # noqa: E402
-from gpu import device_facts  # noqa: E402
-from machine import CpuContention, cpu_flags, cpu_model, git_revision  # noqa: E402
+BENCH_DIR = Path(__file__).resolve().parent
 
 _SESSION = {}  # what the fixtures measured, for the machine_info hook at the end of the session
 

@@ -1,7 +1,7 @@
 """The one report: every benchmark JSON in the results folder and the evaluation outputs, as a markdown report with
 PNG plots, the paper's published numbers beside ours.
 
-    python bench/report.py [--results-dir bench/results] [--eval RUN_DIR/eval_wiki-topic.json ...]
+    python -m bench.report [--results-dir bench/results] [--eval RUN_DIR/eval_wiki-topic.json ...]
                            [--out bench/results/REPORT.md] [--readme README.md]
 
 reads whichever of inference.json, train_step.json, triple_loss.json, fused_linear.json (CPU), gpu.json and
@@ -18,7 +18,7 @@ benchmarks' dry run (FASTDISTIL_BENCH_TINY=1 on a machine without CUDA: device "
 shown, so that the dry run exercises this section too, under a heading and a first paragraph that say they are a
 dry run on CPU and not GPU figures.
 
-    python bench/report.py --results-dir GPU_CHECK_OUT --out GPU_CHECK_OUT/REPORT.md --no-plots   # a GPU check
+    python -m bench.report --results-dir GPU_CHECK_OUT --out GPU_CHECK_OUT/REPORT.md --no-plots   # a GPU check
 """
 
 import argparse
@@ -31,10 +31,12 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
-from report_format import (BUSY, MB, bars, busy_note, fmt_mb, fmt_ms, fmt_params, fmt_rate, median, plot_against_n,
-                           pyplot, ratio, save, table, timing)
+from bench.report_format import (BUSY, MB, bars, busy_note, fmt_mb, fmt_ms, fmt_params, fmt_rate, median,
+                                 plot_against_n, pyplot, ratio, save, table, timing)
 
 BENCH_DIR = Path(__file__).resolve().parent
+# What each section says about how it was measured, kept apart from the code that computes its tables.
+TEMPLATES = BENCH_DIR / "report_templates"
 README_START, README_END = "<!-- report:start -->", "<!-- report:end -->"
 EVAL_KEYS = ("teacher", "student", "random_student", "retention")
 
@@ -54,6 +56,12 @@ MEASURE = {
     "train_step_gpu": "python -m pytest bench/test_bench_train_step.py -k \"bf16 or fp16\" --benchmark-json "
                       "bench/results/train_step_gpu.json",
 }
+
+
+def prose(name: str, **fields) -> str:
+    """The paragraph of report_templates/<name>.md, its str.format fields filled: wrapped in the file for reading,
+    one line in the report (lines and runs of spaces join into single spaces)."""
+    return " ".join((TEMPLATES / f"{name}.md").read_text().split()).format(**fields)
 
 
 # Inputs -----------------------------------------------------------------------------------------------------
@@ -144,17 +152,7 @@ def triple_loss_section(data: dict, results: list[dict], figure) -> list[str]:
                 ratio(median(out) and median(out) * 1e3, floor_ms, "{:.1f}×")]
 
     parts += tables_by_dtype(tree, lambda dtype, by_n: f"### {dtype} logits, V = {any_result(by_n)['V']}", cols, row)
-    parts += [
-        "Median of timed rounds (pytest-benchmark, `benchmark.pedantic`); speed-up = reference median / fused median. "
-        "*fused*: `fastdistil.triple_loss(..., backend=\"cpp\")` then `loss.backward()`. From its second call on, the "
-        "op's [N, V] gradient reuses the buffer the previous step's gradient returned when autograd freed it. *fused, "
-        "fresh alloc*: the same with that buffer freed before every call (the first step: allocation and page faults "
-        "included). *fused, no alloc*: `torch.ops.fastdistil.triple_loss_out` into gradient buffers allocated once (a "
-        "caller-owned workspace), the kernel alone. Peak mem: the most tensor memory held at once by tensors allocated"
-        " during one forward + backward, gradients included (profiler allocation events, `bench/memory.py`); (×) = "
-        "multiple of one [N, V] fp32 tensor. Floor = 3·N·V·itemsize bytes (read both logit tensors, write the "
-        "gradient) / measured copy bandwidth. Inputs: logits ~ N(0, 3²), 10 % padding, 15 % labelled rows, D = 768.",
-        *busy_note(results, data, "op"), ""]
+    parts += [prose("triple_loss"), *busy_note(results, data, "op"), ""]
     panels = [(f"{dtype} logits, V = 30,522", by_n) for dtype, by_n in by_dtype(tree)]
     references = {}
     for title, by_n in panels:
@@ -201,13 +199,7 @@ def fused_linear_section(data: dict, results: list[dict], figure) -> list[str]:
 
     parts += tables_by_dtype(tree, lambda dtype, by_n: f"### {dtype}, V = {any_result(by_n)['V']}, D = "
                                                        f"{any_result(by_n)['D']}", cols, row)
-    parts += [
-        "Median of timed rounds (pytest-benchmark `pedantic`). Inputs as bert-base produces them: [N, 768] "
-        "projection inputs and hidden states, [30522, 768] projections with biases, 10 % padding, 15 % labelled "
-        "rows. Forward + backward, gradients for the student's input, weight, bias and hidden state. Peak mem: the "
-        "most tensor memory held at once by tensors allocated during one call, the gradients it leaves included "
-        "(profiler allocation events, `bench/memory.py`). The fused path projects 128 MB of rows at a time "
-        "(`chunk_size=0`).", *busy_note(results, data, "call"), ""]
+    parts += [prose("fused_linear"), *busy_note(results, data, "call"), ""]
     panels = [(dtype, by_n) for dtype, by_n in by_dtype(tree)]
     parts.append(figure("fused_linear", "projection + loss time and memory against N", plot_against_n, panels,
                         providers=LINEAR_PROVIDERS))
@@ -284,25 +276,7 @@ def train_step_section(data: dict, results: list[dict], figure) -> list[str]:
                       f"tokens/s (target ≥ {target}×: {'met' if speedup >= target else 'NOT met'})."
                       + floor_sentence(by_provider), ""]
     parts += step_tables(groups, "###")
-    parts += [
-        "One optimizer step per timed round (pytest-benchmark `pedantic`, median of the rounds), each on the "
-        "next of a fixed list of full-length batches from the bundled Wikipedia sample, masked as "
-        "`fastdistil.train` masks them: the same batches in the same order for every provider, and the same "
-        "starting weights (the student copied from a teacher with seeded random weights). Non-padding "
-        "tokens/s = mean non-padding tokens of the timed batches / median step time; vs distiller = ratio of "
-        "tokens/s. *original distiller*: `bench/distiller_step.py`, a port of the Hugging Face distiller's "
-        "`step` and `optimize` (unfused loss on `masked_select` copies, foreach AdamW, its `.item()` logs). "
-        "*fastdistil*: what `python -m fastdistil.train` does per step (`train_step` with `--loss fused`: "
-        "the vocabulary projections and the triple loss fused chunk by chunk, no [N, V] logits; fused AdamW). "
-        "*logits then fused loss*: `--loss fused-logits`, both models' logits and then the fused loss op. "
-        "*fastdistil, reference loss*: `--loss reference`, the logits and then the unfused recipe loss, so its "
-        "gap to *fastdistil* is the loss's share. *matrix products alone*: the mm/addmm/bmm calls of the "
-        "distiller's step, forward and backward, recorded and replayed at their shapes and in their order on "
-        "random operands (`bench/matmul_floor.py`): what any exact step of these models must compute. "
-        "bf16: both forwards under `torch.autocast`. Peak extra "
-        "memory: the most tensor memory held at once by tensors allocated during one step, over the weights "
-        "and AdamW moments held between steps (profiler allocation events, `bench/memory.py`).",
-        *busy_note(results, data, "step"), ""]
+    parts += [prose("train_step"), *busy_note(results, data, "step"), ""]
     parts.append(figure("train_step", "training tokens/s and memory by provider", plot_train_step, groups))
     return parts
 
@@ -386,19 +360,7 @@ def inference_section(data: dict, results: list[dict], figure) -> list[str]:
                       f"padded per batch: " + ", ".join(
                           f"{any_result(by_batch[b])['padded_tokens']:,} token slots at batch {b}"
                           for b in sorted(by_batch)) + ".", ""]
-    parts += [
-        "What is timed: one pass over a fixed set of sequences drawn (seed 0) from the bundled Wikipedia sample, "
-        "tokenized and chunked as the trainer does (at most 128 tokens), so their lengths follow the corpus's; at "
-        "batch 1 one sequence at a time, at the larger batch together, padded to the longest. The encoder only "
-        "(`teacher.bert`, `student.distilbert`), eval mode, `torch.inference_mode`, fp32: what a downstream task "
-        "runs, without the masked-LM head. Parameters are the encoder's (the teacher's count has no pooler: a masked "
-        "LM has none; bert-base's pooler adds 0.6 M). bert-base: seeded random weights in bert-base's shape, its "
-        "student from `make_student` (layers 0, 2, 4, 7, 9, 11). tiny: the built-in teacher and its 2-layer "
-        "student. Attention: *fastdistil* is `attn_implementation=\"fastdistil\"` (`fastdistil.attention`, PyTorch "
-        "SDPA on CPU), *sdpa* and *eager* are transformers' own. ms / sequence = median round / sequences; tokens/s "
-        "counts real tokens; vs eager = time over the eager attention's, same model and batch. The paper's row: "
-        f"Table 3, a pass over the GLUE STS-B dev set on an Intel Xeon E5-2690 v3 at batch 1 (student / teacher "
-        f"{paper_time:.2f}, \"60 % faster\").", *busy_note(results, data, "model"), ""]
+    parts += [prose("inference", paper_time=paper_time), *busy_note(results, data, "model"), ""]
     parts.append(figure("inference", "size and latency of teacher and student", plot_inference, pairs))
     return parts
 
@@ -450,11 +412,7 @@ def retention_section(evals: list[dict], figure) -> list[str]:
                  f"{PAPER['student_glue']}", "–", f"{PAPER['student_glue'] / PAPER['teacher_glue']:.1%}",
                  fmt_params(PAPER["teacher_params"]), fmt_params(PAPER["student_params"])])
     parts = ["## Downstream retention: student against teacher", "", *table(cols, rows, left=3), "",
-             "From `python -m fastdistil.evaluate RUN_DIR --task TASK` (RUN_DIR/eval_TASK.json): the teacher, the "
-             "distilled student and a student of the same shape with random weights, each scored on the task; "
-             "retention = student / teacher. The random-init student is the floor that distillation should lift "
-             "the student far above. The paper's row: Table 1, GLUE dev macro-score, DistilBERT retaining 97 % of "
-             "BERT-base's.", ""]
+             prose("retention"), ""]
     parts.append(figure("retention", "downstream retention", plot_retention, evals))
     return parts
 
@@ -513,11 +471,7 @@ def gpu_loss_part(results: list[dict]) -> list[str]:
                          rate_of_peak(forward), rate_of_peak(full), ratio(gpu_ms(eager), gpu_ms(full), "{:.1f}×"),
                          fmt_mb(full and full["peak_extra_bytes"])])
     return [f"### Triple loss: N = {first['N']:,} token rows, V = {first['V']:,}", "", *table(cols, rows, left=2),
-            "", f"Median of `{first['timer']}`. GB/s = the traffic floor 3·N·V·bytes (both logit tensors read, the "
-                f"gradient written once) / time, against {peak_sentence(first)}; the fused forward already writes the "
-                "gradient, its backward only rescales it in place. Backward = forward + backward − forward. Peak "
-                "extra memory: one forward + backward, the gradients it leaves included (`bench/memory.py`: "
-                "torch.cuda's peak counter on a GPU).", ""]
+            "", prose("gpu_triple_loss", timer=first["timer"], peak=peak_sentence(first)), ""]
 
 
 def peak_sentence(result: dict) -> str:
@@ -543,9 +497,7 @@ def gpu_linear_part(results: list[dict]) -> list[str]:
                              ratio(r["peak_extra_bytes"], logits and logits["peak_extra_bytes"], "{:.1%}")])
     return [f"### Vocabulary projection + triple loss: N = {first['N']:,}, D = {first['D']}, V = {first['V']:,}", "",
             *table(cols, rows, left=2), "",
-            f"Median of `{first['timer']}`, forward + backward with gradients for the student's input, weight, bias "
-            "and hidden state. TFLOP/s counts the four [N, D] × [D, V] products (both models' logits, the student's "
-            "input and weight gradients). Peak extra memory: one call (`bench/memory.py`).", ""]
+            prose("gpu_fused_linear", timer=first["timer"]), ""]
 
 
 def gpu_attention_part(results: list[dict]) -> list[str]:
@@ -572,9 +524,7 @@ def gpu_attention_part(results: list[dict]) -> list[str]:
                                  ratio(fwd_bwd(efficient), fwd_bwd(modes))])
     shape = f"B × H × L × Dh = {first['B']} × {first['H']} × {first['L']} × {first['Dh']}"
     return [f"### Attention: {shape}", "", *table(cols, rows, left=4), "",
-            f"Median of `{first['timer']}`; backward timed alone (`retain_graph`). TFLOP/s from the dense count "
-            "4·B·H·L²·Dh forward, 2.5× that backward (FlashAttention's convention, with padding too). SDPA "
-            "restricted to one backend; its flash kernel takes no mask.", ""]
+            prose("gpu_attention", timer=first["timer"]), ""]
 
 
 def fwd_bwd(modes: dict) -> float | None:
@@ -589,11 +539,8 @@ def gpu_step_part(data: dict, results: list[dict], figure, suffix: str) -> list[
     skipped = [f"{prec} {STEP_PROVIDERS[p][0]}: {r['skipped_steps']}" for prec, _, by_provider in groups
                for p, r in by_provider.items() if r.get("skipped_steps")]
     return ["### Training step: fastdistil against the original distiller", "", *step_tables(groups, "####"),
-            "The CPU section's providers, batches and method; on CUDA every timed step ends with "
-            "`torch.cuda.synchronize` and memory comes from torch.cuda's peak counter. fp16 scales the loss with "
-            "`torch.amp.GradScaler` on both sides (the original used apex's dynamic loss scaling), after steps "
-            "that settle the scale." + (" Steps whose update the scaler still skipped (cheaper steps) after that: "
-                                        + "; ".join(skipped) + "." if skipped else ""),
+            prose("gpu_train_step") + (" Steps whose update the scaler still skipped (cheaper steps) after that: "
+                                       + "; ".join(skipped) + "." if skipped else ""),
             *busy_note(results, data, "step"), "",
             figure("gpu_train_step", f"training tokens/s and memory by provider{suffix}", plot_train_step, groups),
             ""]
@@ -608,20 +555,14 @@ def gpu_description(results: list[dict]) -> list[str]:
     """The section's heading and what it was measured on; a dry run says so before anything."""
     if is_dry_run(results):
         return ["## GPU benchmarks: DRY RUN on CPU, not GPU figures", "",
-                "**Dry run:** these results come from `FASTDISTIL_BENCH_TINY=1` on a machine without CUDA (`bash "
-                "scripts/gpu_check.sh --dry-run`): tiny shapes on CPU tensors, the Triton kernels in Triton's "
-                "interpreter, wall-clock timings of single calls, SDPA's math kernel where the CPU has no flash or "
-                "memory-efficient one, torch.compile through `aot_eager`, this CPU's copy bandwidth in place of a "
-                "GPU's DRAM peak. They show that every GPU benchmark and this section run; they measure nothing "
-                "about a GPU.", ""]
+                prose("gpu_dry_run"), ""]
     setups = sorted({(r["gpu"], r["capability"], r.get("gpu_memory_gb"), r.get("driver"), r["cuda"], r["torch"],
                       r["triton"]) for r in results}, key=str)
     lines = [f"{gpu} ({capability}, {memory:.0f} GB), driver {driver or '?'}, CUDA {cuda}, torch {torch_version}, "
              f"Triton {triton}" for gpu, capability, memory, driver, cuda, torch_version, triton in setups]
     heading = f"## GPU: {' / '.join(sorted({r['gpu'] for r in results}))}"
-    tiny = ([" **Tiny shapes** (`FASTDISTIL_BENCH_TINY=1`): a smoke run, not the benchmarks' sizes."]
-            if any(r.get("tiny") for r in results) else [])
-    return [heading, "", "Measured on " + "; ".join(lines) + "." + "".join(tiny), ""]
+    tiny = " " + prose("gpu_tiny") if any(r.get("tiny") for r in results) else ""
+    return [heading, "", "Measured on " + "; ".join(lines) + "." + tiny, ""]
 
 
 def wall_times(results: list[dict], steps: list[dict]) -> list[str]:
@@ -632,9 +573,8 @@ def wall_times(results: list[dict], steps: list[dict]) -> list[str]:
     totals["training step"] = sum(r.get("case_wall_s") or 0 for r in steps)
     if not any(totals.values()):
         return []
-    return ["Wall time of the cases (inputs, models, compiles and Triton's JIT, warm-up and timing; not pytest's "
-            "start-up): " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in totals.items() if seconds)
-            + f"; {sum(totals.values()):.0f} s in all.", ""]
+    cases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in totals.items() if seconds)
+    return [prose("gpu_wall_time", cases=cases, total=sum(totals.values())), ""]
 
 
 def gpu_section(runs: dict[str, tuple[dict, list[dict]]], figure) -> list[str]:
@@ -771,7 +711,8 @@ def build(results_dir: Path, eval_paths: list[Path], figure) -> tuple[str, list[
             found = bool(section)
         if not found:
             missing.append(f"- {name}: {results_dir / f'{name}.json'} holds no {name} results")
-    sections += gpu_section({name: runs[name] for name in GPU_SUITES if name in runs}, figure) + [""]
+    gpu = gpu_section({name: runs[name] for name in GPU_SUITES if name in runs}, figure)
+    sections += gpu + [""] if gpu else []
     sections += retention_section(evals, figure)
     parts = ["## fastdistil beside the paper", "", *paper_summary(runs, evals), ""]
     if runs:

@@ -7,7 +7,7 @@ Providers, each measured side by side on the same inputs, forward + backward thr
   reference      both models' logits, then the recipe's unfused loss (fastdistil.triple_loss_reference).
 
     python -m pytest bench/test_bench_fused_linear.py --benchmark-json bench/results/fused_linear.json
-    python bench/report.py    # its fused-linear section, in bench/results/REPORT.md
+    python -m bench.report    # its fused-linear section, in bench/results/REPORT.md
 
 Defaults: fp32 at N = 2048 and 8192, bf16 at N = 2048. FASTDISTIL_BENCH_LARGE=1 adds N = 32768 (fp32) and
 bf16 at N = 8192: on 2 cores a single call there takes minutes (bf16 matrix products run at a sixth of the fp32
@@ -18,10 +18,11 @@ import os
 
 import pytest
 import torch
-from machine import CpuContention, load_average
-from memory import peak_extra_bytes
 
 import fastdistil
+
+from bench.machine import CpuContention, load_average
+from bench.memory import peak_extra_bytes
 
 V = 30522
 D = 768

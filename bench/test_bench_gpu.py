@@ -87,12 +87,13 @@ import triton.testing  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import fastdistil  # noqa: E402
-import test_bench_fused_linear as linear_bench  # noqa: E402
 from fastdistil import env, extension  # noqa: E402
 from fastdistil.ops.attention import auto_backend  # noqa: E402
-from gpu import device_facts  # noqa: E402
-from memory import peak_extra_bytes  # noqa: E402
-from test_bench_triple_loss import ARGS, V, make_inputs  # noqa: E402
+
+from bench import test_bench_fused_linear as linear_bench  # noqa: E402
+from bench.gpu import device_facts  # noqa: E402
+from bench.memory import peak_extra_bytes  # noqa: E402
+from bench.test_bench_triple_loss import ARGS, V, make_inputs  # noqa: E402
 
 try:
     from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss

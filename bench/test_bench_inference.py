@@ -19,7 +19,7 @@ longest of each batch.
     python -m pytest bench/test_bench_inference.py --benchmark-json bench/results/inference.json
     python -m pytest bench/test_bench_inference.py -k "tiny and b32"   # pair, role, attention, batch in every id
     FASTDISTIL_BENCH_TINY=1 python -m pytest bench/test_bench_inference.py    # smoke test: the tiny pair only
-    python bench/report.py
+    python -m bench.report
 
 FASTDISTIL_BENCH_ROUNDS=N sets the timed rounds of every case (default: bert-base 3, tiny 10; one warm-up round
 each). A bert-base round takes seconds (teacher at batch 32: ~10 s on two cores). FASTDISTIL_BENCH_TINY=1 runs
@@ -44,7 +44,8 @@ from fastdistil import assets
 from fastdistil.train import data
 from fastdistil.ops.attention import register_with_transformers
 from fastdistil.train.student import make_student
-from machine import CpuContention, load_average
+
+from bench.machine import CpuContention, load_average
 
 TINY = os.environ.get("FASTDISTIL_BENCH_TINY", "0") == "1"
 SEED = 0

@@ -23,7 +23,7 @@ scaled its loss with apex).
     python -m pytest bench/test_bench_train_step.py -k "bf16 or fp16" --durations=0 \
         --benchmark-json bench/results/train_step_gpu.json     # on a GPU machine: the CUDA run
     FASTDISTIL_BENCH_TINY=1 python -m pytest bench/test_bench_train_step.py      # smoke test: tiny models
-    python bench/report.py    # its training-step sections, in bench/results/REPORT.md
+    python -m bench.report    # its training-step sections, in bench/results/REPORT.md
 
 The device is CUDA when there is one, else the CPU; FASTDISTIL_BENCH_DEVICE=cpu (or cuda:1, ...) overrides it.
 Precision and provider are in every test id, the device in the group and the results. On CUDA every timed
@@ -62,15 +62,16 @@ from torch.nn.utils import clip_grad_norm_
 from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, get_linear_schedule_with_warmup
 
 import fastdistil
-import matmul_floor
-from distiller_step import Distiller
 from fastdistil.train import data
 from fastdistil.train.heads import ProjectionInputs
 from fastdistil.train.student import make_student
 from fastdistil.train import TrainConfig, make_optimizer, train_step
-from gpu import device_facts
-from machine import CpuContention, load_average
-from memory import peak_extra_bytes
+
+from bench import matmul_floor
+from bench.distiller_step import Distiller
+from bench.gpu import device_facts
+from bench.machine import CpuContention, load_average
+from bench.memory import peak_extra_bytes
 
 TINY = os.environ.get("FASTDISTIL_BENCH_TINY", "0") == "1"
 DEVICE = torch.device(os.environ.get("FASTDISTIL_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -12,7 +12,7 @@ Providers, each measured side by side on the same inputs:
 
     python -m pytest bench/test_bench_triple_loss.py --benchmark-json bench/results/triple_loss.json
     python -m pytest bench/test_bench_triple_loss.py -k "512 or 2048"     # quick subset; N is in every test id
-    python bench/report.py bench/results/triple_loss.json
+    python -m bench.report    # its triple-loss section, in bench/results/REPORT.md
 
 Every result's extra_info holds N, V, D, dtype, provider, the peak extra memory of one call (bench/memory.py),
 the size of one [N, V] fp32 tensor, the traffic floor 3*N*V*itemsize and the machine's copy bandwidth.
@@ -24,8 +24,9 @@ import pytest
 import torch
 
 import fastdistil
-from machine import CpuContention, load_average
-from memory import peak_extra_bytes
+
+from bench.machine import CpuContention, load_average
+from bench.memory import peak_extra_bytes
 
 V = 30522  # bert-base-uncased's vocabulary: not a multiple of any power-of-two block
 D = 768

@@ -12,6 +12,7 @@
 
 namespace fastdistil {
 
+// Filled by aggregate initialization in triple_loss_cpu.cpp: the fields' order is the initializer's.
 struct RowsArgs {
   const void* student_logits;
   const void* teacher_logits;

@@ -192,37 +192,21 @@ Result run(const at::Tensor& student_logits, const at::Tensor& teacher_logits, c
   }
 
   std::vector<double> kl_rows(N, 0.0), ce_rows(N, 0.0), cos_rows(N, 0.0);
-  RowsArgs args;
-  args.student_logits = s.data_ptr();
-  args.teacher_logits = t.data_ptr();
-  args.labels = lab_p;
-  args.student_hidden = hs.data_ptr();
-  args.teacher_hidden = ht.data_ptr();
-  args.grad_logits = grad_student_logits.data_ptr();
-  args.grad_hidden = grad_student_hidden.data_ptr();
-  args.selected = selected.data();
-  args.real = real_p;
-  args.V = V;
-  args.D = D;
-  args.logits_dtype = s.scalar_type();
-  args.teacher_dtype = t.scalar_type();
-  args.hidden_dtype = hs.scalar_type();
-  args.teacher_hidden_dtype = ht.scalar_type();
-  args.grad_hidden_dtype = grad_student_hidden.scalar_type();
-  args.inv_temp = static_cast<float>(1.0 / temperature);
   // Weights of the gradient terms: d loss / d s = kl_coef * (q - p) + ce_coef * (softmax(s) - onehot).
   const double kl_coef = n_selected ? alpha_ce * temperature / n_selected : 0.0;
   const double ce_coef = n_labelled ? alpha_mlm / n_labelled : 0.0;
   const double cos_coef = n_real ? alpha_cos / n_real : 0.0;
   const double grad_scale = logits_grad_scale.value_or(
       s.scalar_type() == at::kHalf ? fp16_logits_grad_scale(kl_coef, ce_coef) : 1.0);
-  args.kl_coef = static_cast<float>(kl_coef * grad_scale);
-  args.ce_coef = static_cast<float>(ce_coef * grad_scale);
-  args.cos_coef = static_cast<float>(cos_coef);
-  args.temp_pow = temperature == 1.0 ? 1 : (temperature == 2.0 ? 2 : 0);
-  args.kl_rows = kl_rows.data();
-  args.ce_rows = ce_rows.data();
-  args.cos_rows = cos_rows.data();
+  const RowsArgs args{s.data_ptr(), t.data_ptr(), lab_p, hs.data_ptr(), ht.data_ptr(),
+                      grad_student_logits.data_ptr(), grad_student_hidden.data_ptr(), selected.data(), real_p,
+                      V, D,
+                      s.scalar_type(), t.scalar_type(), hs.scalar_type(), ht.scalar_type(),
+                      grad_student_hidden.scalar_type(),
+                      static_cast<float>(1.0 / temperature), static_cast<float>(kl_coef * grad_scale),
+                      static_cast<float>(ce_coef * grad_scale), static_cast<float>(cos_coef),
+                      temperature == 1.0 ? 1 : (temperature == 2.0 ? 2 : 0),
+                      kl_rows.data(), ce_rows.data(), cos_rows.data()};
 
   if (s.scalar_type() == at::kDouble) {
     float64_rows(s, t, lab, hs, ht, selected, real, temperature, kl_coef * grad_scale, ce_coef * grad_scale, cos_coef,

@@ -17,9 +17,10 @@ if importlib.util.find_spec(f"{__name__}.kernels") is None:
 from fastdistil.ops import extension
 from fastdistil.ops.attention import attention, register_with_transformers
 from fastdistil.ops.extension import release_gradient_cache
-from fastdistil.ops.fused_linear_triple_loss import FusedLinearTripleLoss, fused_linear_triple_loss
+from fastdistil.ops.fused_linear_triple_loss import fused_linear_triple_loss
+from fastdistil.ops.modules import FusedLinearTripleLoss, TripleLoss
 from fastdistil.ops.reference import triple_loss_reference
-from fastdistil.ops.triple_loss import TripleLoss, triple_loss
+from fastdistil.ops.triple_loss import triple_loss
 from fastdistil.ops.values import TripleLossArgs, TripleLossOutput
 
 __version__ = "0.1.0"

@@ -1,11 +1,12 @@
 """`python -m fastdistil.env`: which implementation of each op this machine runs, and why, per device and dtype.
 
-Paste its output into a bug report. The decisions are DESIGN.md's support matrix: on CPU the C++ kernels and
-PyTorch SDPA; on sm80 and newer the Triton loss in fp32/fp16/bf16 and Triton attention in fp16/bf16 (fp32
-attention goes to SDPA, whose fp32 kernels are several times faster than the Triton kernel's exact fp32 dots); on
-Volta (sm70) the Triton loss in fp32/fp16 only (the chip has no bf16) and SDPA's memory-efficient attention. The
-lines come from fastdistil.triple_loss.auto_backend and fastdistil.attention.auto_backend, the functions the
-dispatch calls, and on a GPU a last line says whether torch.compile traces the loss's Triton kernels.
+Paste its output into a bug report. The decisions are the support matrix of the README ("The student's attention,
+and GPUs"): on CPU the C++ kernels and PyTorch SDPA; on sm80 and newer the Triton loss in fp32/fp16/bf16 and
+Triton attention in fp16/bf16 (fp32 attention goes to SDPA, whose fp32 kernels are several times faster than the
+Triton kernel's exact fp32 dots); on Volta (sm70) the Triton loss in fp32/fp16 only (the chip has no bf16) and
+SDPA's memory-efficient attention. The lines come from fastdistil.ops.triple_loss.auto_backend and
+fastdistil.ops.attention.auto_backend, the functions the dispatch calls, and on a GPU a last line says whether
+torch.compile traces the loss's Triton kernels.
 """
 
 import os

@@ -10,7 +10,7 @@
 #               nvidia-smi and python -m fastdistil.env), steps.tsv (each step's status and seconds),
 #               cuda-tests.xml, gpu.json and train_step_gpu.json (pytest-benchmark), train-summary.json and
 #               REPORT.md (bench/report.py's GPU section; copy the two JSON files into bench/results/ and rerun
-#               bench/report.py --readme README.md to put it in the README).
+#               python -m bench.report --readme README.md to put it in the README).
 # --wheels DIR  wheels to install first, with --no-deps and no index, for packages the image lacks (e.g.
 #               liger-kernel, to benchmark against it).
 # --dry-run     every step's plumbing on a machine without a GPU (CI runs it): pip resolves the install
@@ -144,7 +144,7 @@ print(json.dumps(summary, indent=2))" "$run" "$OUT/train-summary.json"
 
 report() {
   # --no-plots: the folder must stay within 8 files.
-  "$PYTHON" bench/report.py --results-dir "$OUT" --out "$OUT/REPORT.md" --no-plots
+  "$PYTHON" -m bench.report --results-dir "$OUT" --out "$OUT/REPORT.md" --no-plots
 }
 
 step machine machine

@@ -5,6 +5,7 @@ import math
 import torch
 
 import fastdistil
+from fastdistil import TripleLossArgs, TripleLossOutput
 
 # fp32 kernel against a float64 reference: error relative to the largest reference magnitude, so that the
 # many near-zero gradient entries of a 30k vocabulary do not need a per-element rtol.
@@ -21,12 +22,13 @@ FP16_SUBNORMAL = 2.0**-24  # fp16's smallest subnormal, the spacing of its value
 
 TERMS = ("loss", "loss_ce", "loss_mlm", "loss_cos")
 GRADS = ("grad_student_logits", "grad_student_hidden")
+TENSORS = tuple(name for name, kind in TripleLossArgs.__annotations__.items() if kind is torch.Tensor)
 
 
 def make_inputs(lead=(41,), vocab=1001, dim=48, dtype=torch.float32, teacher_dtype=None, seed=0,
                 pad_frac=0.25, label_frac=0.15, labels_on_padding=False, mask_dtype=torch.bool,
                 logit_std=3.0):
-    """[s_logits, t_logits, labels, s_hidden, t_hidden, attention_mask], student tensors as grad leaves.
+    """A TripleLossArgs of the six tensors, the student ones as grad leaves, and the default scalars.
 
     [B, L] leads get right padding of random length (what a tokenizer produces), [N] leads random padding.
     The teacher is correlated with the student, as after initialization from it, so the KL is not dominated
@@ -51,29 +53,45 @@ def make_inputs(lead=(41,), vocab=1001, dim=48, dtype=torch.float32, teacher_dty
     chosen = pool[torch.randperm(len(pool), generator=g)[:n_labels]]
     labels = torch.full((n,), -100, dtype=torch.long)
     labels[chosen] = torch.randint(0, vocab, (n_labels,), generator=g)
-    return [
-        s.to(dtype).requires_grad_(),
-        t.to(teacher_dtype),
-        labels.reshape(lead),
-        hs.to(dtype).requires_grad_(),
-        ht.to(teacher_dtype),
-        real.to(mask_dtype),
-    ]
+    return TripleLossArgs(
+        student_logits=s.to(dtype).requires_grad_(),
+        teacher_logits=t.to(teacher_dtype),
+        labels=labels.reshape(lead),
+        student_hidden=hs.to(dtype).requires_grad_(),
+        teacher_hidden=ht.to(teacher_dtype),
+        attention_mask=real.to(mask_dtype),
+    )
+
+
+def tensors(inputs):
+    """The six tensors of a TripleLossArgs, for a callee that holds the scalars itself."""
+    return tuple(getattr(inputs, name) for name in TENSORS)
+
+
+def map_tensors(fn, inputs):
+    """inputs with fn applied to each of its six tensors, the scalars kept."""
+    return inputs._replace(**{name: fn(x) for name, x in zip(TENSORS, tensors(inputs))})
+
+
+def on_device(inputs, device):
+    """inputs moved to device, the student tensors as grad leaves there."""
+    return map_tensors(lambda x: x.detach().to(device).requires_grad_(x.requires_grad), inputs)
 
 
 def loss_and_grads(fn, inputs, grad_output=1.7, **kwargs):
-    """(four detached loss terms, (d/d student_logits, d/d student_hidden)) of grad_output * loss."""
-    out = fn(*inputs, **kwargs)
-    grads = torch.autograd.grad(out.loss, (inputs[0], inputs[3]),
+    """(the four detached loss terms, (d/d student_logits, d/d student_hidden)) of grad_output * loss, with
+    kwargs replacing inputs' scalars."""
+    out = fn(*inputs._replace(**kwargs))
+    grads = torch.autograd.grad(out.loss, (inputs.student_logits, inputs.student_hidden),
                                 grad_outputs=torch.tensor(grad_output, dtype=out.loss.dtype))
-    return tuple(x.detach() for x in out), grads
+    return TripleLossOutput(*(x.detach() for x in out)), grads
 
 
 def upcast(inputs, dtype=torch.float64):
     """The same (already rounded) values in a wider dtype, student tensors as fresh grad leaves."""
-    out = [x.detach().to(dtype) if x.is_floating_point() else x for x in inputs]
-    out[0].requires_grad_()
-    out[3].requires_grad_()
+    out = map_tensors(lambda x: x.detach().to(dtype) if x.is_floating_point() else x, inputs)
+    out.student_logits.requires_grad_()
+    out.student_hidden.requires_grad_()
     return out
 
 
@@ -121,12 +139,12 @@ def check_against_reference(fn, inputs, grad_output=1.7, **kwargs):
     terms64, grads64 = reference64(inputs, grad_output, **kwargs)
     for name, term in zip(TERMS, terms):
         assert term.dtype == torch.float32 and term.dim() == 0, f"{name}: {term.dtype}, shape {term.shape}"
-    for grad, x in zip(grads, (inputs[0], inputs[3])):
+    for grad, x in zip(grads, (inputs.student_logits, inputs.student_hidden)):
         assert grad.dtype == x.dtype and grad.shape == x.shape, f"grad {grad.dtype} {grad.shape} of {x.dtype}"
     names = TERMS + GRADS
     pytorch = None
     for i, (name, a, e) in enumerate(zip(names, terms + grads, terms64 + grads64)):
-        if inputs[0].dtype == torch.float32:
+        if inputs.student_logits.dtype == torch.float32:
             try:
                 assert_close(a, e, FP32_LOSS_RTOL if a.dim() == 0 else FP32_GRAD_RTOL, name)
                 continue
@@ -140,15 +158,14 @@ def check_against_reference(fn, inputs, grad_output=1.7, **kwargs):
     return terms, grads
 
 
-def fp16_storage_floor(labels, attention_mask, temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0,
-                       restrict_ce_to_mask=False, **_):
+def fp16_storage_floor(args):
     """The subnormal spacing of an fp16 logits gradient stored times P (kernels/gradient_scale.py, here from its
     closed form) and scaled by LOSS_SCALE in backward: FP16_SUBNORMAL, or LOSS_SCALE / P times it when P is the
     smaller (few rows: the largest possible entry then exceeds fp16's range at this loss scale)."""
-    labelled = labels != -100
-    n_sel = int((labelled if restrict_ce_to_mask else attention_mask.bool()).sum())
+    labelled = args.labels != -100
+    n_sel = int((labelled if args.restrict_ce_to_mask else args.attention_mask.bool()).sum())
     n_lab = int(labelled.sum())
-    bound = (alpha_ce * temperature / n_sel if n_sel else 0.0) + (alpha_mlm / n_lab if n_lab else 0.0)
+    bound = (args.alpha_ce * args.temperature / n_sel if n_sel else 0.0) + (args.alpha_mlm / n_lab if n_lab else 0.0)
     scale = 2.0 ** math.floor(math.log2(2.0**15 / bound))
     return FP16_SUBNORMAL * max(1.0, LOSS_SCALE / scale)
 
@@ -166,7 +183,7 @@ def check_fp16_under_loss_scale(fn, inputs, **kwargs):
     _, grads32 = loss_and_grads(fn, upcast(inputs, torch.float32), LOSS_SCALE, **kwargs)
     _, grads_pt = loss_and_grads(fastdistil.triple_loss_reference, inputs, LOSS_SCALE, **kwargs)
     _, grads64 = reference64(inputs, LOSS_SCALE, **kwargs)
-    floors = (fp16_storage_floor(inputs[2], inputs[5], **kwargs), FP16_SUBNORMAL)  # the hidden one is fp32
+    floors = (fp16_storage_floor(inputs._replace(**kwargs)), FP16_SUBNORMAL)  # the hidden one is fp32
     for name, grad, fp32, pytorch, exact, floor in zip(GRADS, grads, grads32, grads_pt, grads64, floors):
         assert grad.dtype == torch.float16, f"{name}: {grad.dtype}"
         represented = exact.abs() >= 2**-14  # normal fp16 values

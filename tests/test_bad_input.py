@@ -9,11 +9,9 @@ import torch
 
 import fastdistil
 from fastdistil import _C
-from helpers import make_inputs
+from helpers import TENSORS, make_inputs, map_tensors
 
-NAMES = ("student_logits", "teacher_logits", "labels", "student_hidden", "teacher_hidden", "attention_mask")
 VOCAB = 11
-SCALARS = dict(temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0)
 
 
 def with_label(value):
@@ -51,7 +49,7 @@ TENSOR_CASES = [
     ("teacher-hidden-dim", "teacher_hidden", lambda x: torch.cat([x, x[..., :1]], -1), ValueError),
     ("float64-hidden", "student_hidden", lambda x: x.double(), TypeError),
     ("int-teacher-hidden", "teacher_hidden", lambda x: x.long(), TypeError),
-] + [(f"{name}-on-meta", name, lambda x: x.to("meta"), ValueError) for name in NAMES]
+] + [(f"{name}-on-meta", name, lambda x: x.to("meta"), ValueError) for name in TENSORS]
 
 SCALAR_CASES = [
     ("temperature", 0.0), ("temperature", -1.0), ("temperature", float("nan")), ("temperature", float("inf")),
@@ -60,22 +58,18 @@ SCALAR_CASES = [
 
 
 def valid_inputs():
-    inputs = [x.detach() for x in make_inputs((2, 5), VOCAB, dim=4, pad_frac=0.3, label_frac=0.3)]
-    return dict(zip(NAMES, inputs))
+    return map_tensors(torch.Tensor.detach, make_inputs((2, 5), VOCAB, dim=4, pad_frac=0.3, label_frac=0.3))
 
 
 def broken(case):
     _, name, mutate, _ = case
-    tensors = valid_inputs()
+    args = valid_inputs()
     if mutate is None:
-        tensors["student_logits"] = torch.cat([tensors["student_logits"]] * 2, -1)[..., :VOCAB + 1]
-    else:
-        tensors[name] = mutate(tensors[name])
-    return tensors
+        return args._replace(student_logits=torch.cat([args.student_logits] * 2, -1)[..., :VOCAB + 1])
+    return args._replace(**{name: mutate(getattr(args, name))})
 
 
-def call_raw(api, tensors, scalars, buffers):
-    args = list(tensors.values()) + list(scalars.values()) + [False]
+def call_raw(api, args, buffers):
     if api == "op":
         return torch.ops.fastdistil.triple_loss(*args)
     if api == "forward-op":
@@ -85,20 +79,20 @@ def call_raw(api, tensors, scalars, buffers):
 
 def sentinel_buffers():
     valid = valid_inputs()
-    return {"grad_student_logits": torch.full_like(valid["student_logits"], 7.0),
-            "grad_student_hidden": torch.full_like(valid["student_hidden"], 7.0)}
+    return {"grad_student_logits": torch.full_like(valid.student_logits, 7.0),
+            "grad_student_hidden": torch.full_like(valid.student_hidden, 7.0)}
 
 
-def check_rejected(api, tensors, scalars, match, py_exception, values=False):
+def check_rejected(api, args, match, py_exception, values=False):
     if api.startswith("python"):
         with pytest.raises(py_exception, match=match):
-            fastdistil.triple_loss(**tensors, **scalars, backend=api.removeprefix("python-"))
+            fastdistil.triple_loss(**args._asdict(), backend=api.removeprefix("python-"))
         return
     buffers = sentinel_buffers()
     # The public op's composite (Python) checks with fastdistil.ops.checks; the private ops reach the C++ kernel,
     # whose TORCH_CHECKs say the same words as a RuntimeError.
     with pytest.raises(py_exception if api == "op" and not values else RuntimeError, match=match):
-        call_raw(api, tensors, scalars, buffers)
+        call_raw(api, args, buffers)
     for name, buffer in buffers.items():
         assert (buffer == 7.0).all(), f"{name} was written by a call that failed"
 
@@ -109,43 +103,42 @@ APIS = ["python-cpp", "python-reference", "op", "forward-op", "out-op"]
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("case", TENSOR_CASES, ids=[c[0] for c in TENSOR_CASES])
 def test_bad_tensor(case, api):
-    check_rejected(api, broken(case), SCALARS, case[1], case[3], values=case[0].startswith("label-"))
+    check_rejected(api, broken(case), case[1], case[3], values=case[0].startswith("label-"))
 
 
 @pytest.mark.parametrize("api", APIS)
 @pytest.mark.parametrize("name, value", SCALAR_CASES)
 def test_bad_scalar(name, value, api):
-    check_rejected(api, valid_inputs(), {**SCALARS, name: value}, name, ValueError)
+    check_rejected(api, valid_inputs()._replace(**{name: value}), name, ValueError)
 
 
 def test_valid_inputs_are_accepted_by_every_api():
     # Guards the cases above: each must fail because of its one change, not because the base is invalid.
     for api in APIS:
         if api.startswith("python"):
-            fastdistil.triple_loss(**valid_inputs(), **SCALARS, backend=api.removeprefix("python-"))
+            fastdistil.triple_loss(**valid_inputs()._asdict(), backend=api.removeprefix("python-"))
         else:
             buffers = sentinel_buffers()
-            call_raw(api, valid_inputs(), SCALARS, buffers)
+            call_raw(api, valid_inputs(), buffers)
             if api == "out-op":
                 assert not (buffers["grad_student_logits"] == 7.0).any()
 
 
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
-        fastdistil.triple_loss(**valid_inputs(), backend="cuda")
+        fastdistil.triple_loss(**valid_inputs()._asdict(), backend="cuda")
 
 
 def test_non_tensor_argument():
-    tensors = valid_inputs()
-    tensors["labels"] = tensors["labels"].tolist()
+    args = valid_inputs()
     with pytest.raises(TypeError, match="labels"):
-        fastdistil.triple_loss(**tensors, backend="cpp")
+        fastdistil.triple_loss(**args._replace(labels=args.labels.tolist())._asdict(), backend="cpp")
 
 
 def test_cpp_backend_rejects_non_cpu_tensors():
-    tensors = {name: x.to("meta") for name, x in valid_inputs().items()}
+    args = map_tensors(lambda x: x.to("meta"), valid_inputs())
     with pytest.raises(ValueError, match="cpp"):
-        fastdistil.triple_loss(**tensors, backend="cpp")
+        fastdistil.triple_loss(**args._asdict(), backend="cpp")
 
 
 @pytest.mark.parametrize("isa", sorted({"avx512", "avx2", "vec128", "sse9"} - set(_C.supported_cpu_isas())))

@@ -11,7 +11,7 @@ LEAD, VOCAB = (96,), 30522
 
 
 def gradient_of(inputs):
-    return torch.autograd.grad(fastdistil.triple_loss(*inputs, backend="cpp").loss, inputs[0])[0]
+    return torch.autograd.grad(fastdistil.triple_loss(*inputs, backend="cpp").loss, inputs.student_logits)[0]
 
 
 def test_freed_gradient_buffer_is_reused_and_rewritten():

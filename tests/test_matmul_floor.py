@@ -1,13 +1,8 @@
 """bench/matmul_floor.py: the matrix products of a step, recorded and replayed."""
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-import matmul_floor  # noqa: E402
+from bench import matmul_floor
 
 
 def linear_step(x, layer):

@@ -11,17 +11,18 @@ import pytest
 import torch
 
 import fastdistil
-from helpers import loss_and_grads, make_inputs
+from fastdistil import TripleLossArgs
+from helpers import loss_and_grads, make_inputs, map_tensors, on_device, tensors
 
 OPS = torch.ops.fastdistil
-SCALARS = (1.5, 5.0, 2.0, 1.0, False)  # temperature, alpha_ce, alpha_mlm, alpha_cos, restrict
+TEMPERATURE = 1.5
 
 
 def small_args(requires_grad):
-    inputs = [x.detach() for x in make_inputs((2, 5), 37, dim=8, label_frac=0.3)]
-    inputs[0].requires_grad_(requires_grad)
-    inputs[3].requires_grad_(requires_grad)
-    return tuple(inputs) + SCALARS
+    inputs = map_tensors(torch.Tensor.detach, make_inputs((2, 5), 37, dim=8, label_frac=0.3))
+    inputs.student_logits.requires_grad_(requires_grad)
+    inputs.student_hidden.requires_grad_(requires_grad)
+    return inputs._replace(temperature=TEMPERATURE)
 
 
 @pytest.mark.parametrize("op, requires_grad", [
@@ -37,24 +38,26 @@ def test_opcheck(op, requires_grad):
 
 def test_opcheck_out_variant():
     args = small_args(False)
-    buffers = dict(grad_student_logits=torch.empty_like(args[0]),
-                   grad_student_hidden=torch.empty_like(args[3]))
+    buffers = dict(grad_student_logits=torch.empty_like(args.student_logits),
+                   grad_student_hidden=torch.empty_like(args.student_hidden))
     torch.library.opcheck(OPS.triple_loss_out.default, args, buffers)
 
 
+# The compiled functions take only the tensors: their scalars are constants of the graph.
 def python_api(*inputs):
-    out = fastdistil.triple_loss(*inputs, temperature=1.5)
+    out = fastdistil.triple_loss(*inputs, temperature=TEMPERATURE)
     return out.loss * 1.7, out.loss_ce, out.loss_mlm, out.loss_cos
 
 
 def raw_op(*inputs):
-    loss, ce, mlm, cos = OPS.triple_loss(*inputs, *SCALARS)
+    loss, ce, mlm, cos = OPS.triple_loss(*TripleLossArgs(*inputs, temperature=TEMPERATURE))
     return loss * 1.7, ce, mlm, cos
 
 
 def terms_and_grads(fn, inputs):
-    terms = fn(*inputs)
-    return [t.detach() for t in terms] + list(torch.autograd.grad(terms[0], (inputs[0], inputs[3])))
+    terms = fn(*tensors(inputs))
+    grads = torch.autograd.grad(terms[0], (inputs.student_logits, inputs.student_hidden))
+    return [t.detach() for t in terms] + list(grads)
 
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.cuda,
@@ -65,8 +68,7 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.cuda,
 @pytest.mark.parametrize("fn", [python_api, raw_op], ids=lambda f: f.__name__)
 def test_compile_fullgraph_matches_eager(fn, device):
     """On CUDA the compiled graph holds the Triton kernels themselves (kernels/triple_loss.py's tracing rule)."""
-    inputs = [x.detach().to(device).requires_grad_(x.requires_grad)
-              for x in make_inputs((2, 5), 37, dim=8, label_frac=0.3)]
+    inputs = on_device(make_inputs((2, 5), 37, dim=8, label_frac=0.3), device)
     compiled = terms_and_grads(torch.compile(fn, fullgraph=True, dynamic=False), inputs)
     eager = terms_and_grads(fn, inputs)
     assert eager[4].abs().sum() > 0
@@ -95,8 +97,7 @@ def test_compile_graph_on_cuda_holds_the_kernels_or_the_opaque_op():
         graphs.append(graph_module.graph)
         return graph_module.forward
 
-    inputs = [x.detach().cuda().requires_grad_(x.requires_grad)
-              for x in make_inputs((2, 5), 37, dim=8, label_frac=0.3)]
+    inputs = on_device(make_inputs((2, 5), 37, dim=8, label_frac=0.3), "cuda")
     torch._dynamo.reset()
     compiled = terms_and_grads(torch.compile(raw_op, fullgraph=True, backend=aot_autograd(
         fw_compiler=capture, bw_compiler=capture)), inputs)
@@ -127,7 +128,7 @@ NO_EXTENSION = textwrap.dedent("""
         import fastdistil
     from helpers import make_inputs
     inputs = make_inputs((3, 5), 37, dim=8, label_frac=0.3)
-    out = fastdistil.triple_loss(*inputs, backend="auto", temperature=1.5)
+    out = fastdistil.triple_loss(*inputs._replace(temperature=1.5), backend="auto")
     (out.loss * 1.7).backward()
     try:
         fastdistil.triple_loss(*inputs, backend="cpp")
@@ -135,7 +136,7 @@ NO_EXTENSION = textwrap.dedent("""
     except RuntimeError as exc:
         cpp_error = str(exc)
     torch.save(dict(warnings=[(w.category.__name__, str(w.message)) for w in caught],
-                    terms=[t.detach() for t in out], grads=[inputs[0].grad, inputs[3].grad],
+                    terms=[t.detach() for t in out], grads=[inputs.student_logits.grad, inputs.student_hidden.grad],
                     cpp_error=cpp_error, has_ops=hasattr(torch.ops.fastdistil, "triple_loss")), sys.argv[1])
 """)
 

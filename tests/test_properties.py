@@ -36,7 +36,7 @@ def test_matches_reference(problem, grad_output):
 @given(problems())
 def test_term_ranges(problem):
     inputs, kwargs = problem
-    out = cpp(*inputs, **kwargs)
+    out = cpp(*inputs._replace(**kwargs))
     assert out.loss_ce.item() >= -1e-5  # a KL divergence, up to rounding
     assert out.loss_mlm.item() >= 0.0
     assert -1e-6 <= out.loss_cos.item() <= 2.0 + 1e-6
@@ -45,9 +45,9 @@ def test_term_ranges(problem):
 @given(problems())
 def test_identical_student_and_teacher_give_zero_kl(problem):
     inputs, kwargs = problem
-    inputs[1] = inputs[0].detach().clone()
-    inputs[4] = inputs[3].detach() * 3.0  # same direction, so 1 - cos = 0 too
-    out = cpp(*inputs, **kwargs)
+    inputs = inputs._replace(teacher_logits=inputs.student_logits.detach().clone(),
+                             teacher_hidden=inputs.student_hidden.detach() * 3.0)  # same direction, so 1 - cos = 0 too
+    out = cpp(*inputs._replace(**kwargs))
     assert abs(out.loss_ce.item()) <= 1e-5 and abs(out.loss_cos.item()) <= 1e-5
 
 
@@ -57,15 +57,15 @@ def exactly_shiftable(x):
     return (x.detach().clamp(-16, 16) * 1024).round() / 1024
 
 
-@given(problems(), st.integers(0, 2**31), st.sampled_from([0, 1]))
+@given(problems(), st.integers(0, 2**31), st.sampled_from(["student_logits", "teacher_logits"]))
 def test_invariant_to_per_row_shifts(problem, seed, which):
     inputs, kwargs = problem
-    inputs[0] = exactly_shiftable(inputs[0]).requires_grad_()
-    inputs[1] = exactly_shiftable(inputs[1])
+    inputs = inputs._replace(student_logits=exactly_shiftable(inputs.student_logits).requires_grad_(),
+                             teacher_logits=exactly_shiftable(inputs.teacher_logits))
     # up to +-4096: without subtracting the row maximum, exp would overflow
-    shift = torch.randint(-4096, 4097, inputs[2].shape + (1,), generator=torch.Generator().manual_seed(seed))
-    shifted = list(inputs)
-    shifted[which] = (inputs[which].detach() + shift.float()).requires_grad_(which == 0)
+    shift = torch.randint(-4096, 4097, inputs.labels.shape + (1,), generator=torch.Generator().manual_seed(seed))
+    shifted = inputs._replace(
+        **{which: (getattr(inputs, which).detach() + shift.float()).requires_grad_(which == "student_logits")})
     (_, ce, mlm, _), (grad, _) = loss_and_grads(cpp, inputs, **kwargs)
     (_, ce_s, mlm_s, _), (grad_s, _) = loss_and_grads(cpp, shifted, **kwargs)
     assert_close(ce_s, ce, 1e-5, "loss_ce")
@@ -79,8 +79,8 @@ def test_loss_is_linear_in_the_alphas(problem, k):
     scaled = dict(kwargs, **{a: k * kwargs[a] for a in ("alpha_ce", "alpha_mlm", "alpha_cos")})
     terms, grads = loss_and_grads(cpp, inputs, **kwargs)
     terms_k, grads_k = loss_and_grads(cpp, inputs, **scaled)
-    assert_close(terms_k[0], k * terms[0], 1e-5, "loss")
-    for name, a, b in zip(("loss_ce", "loss_mlm", "loss_cos"), terms_k[1:], terms[1:]):
-        assert_close(a, b, 1e-6, name)
+    assert_close(terms_k.loss, k * terms.loss, 1e-5, "loss")
+    for name in ("loss_ce", "loss_mlm", "loss_cos"):
+        assert_close(getattr(terms_k, name), getattr(terms, name), 1e-6, name)
     for name, a, b in zip(GRADS, grads_k, grads):
         assert_close(a, k * b, 1e-5, name)

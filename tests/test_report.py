@@ -4,17 +4,15 @@ benchmark's inputs and models (no timing)."""
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH_DIR))
+from bench import report
+from bench import test_bench_inference as inference_bench
 
-import report  # noqa: E402
-import test_bench_inference as inference_bench  # noqa: E402
+BENCH_DIR = report.BENCH_DIR
 
 MACHINE = {"cpu_model": "Test CPU", "cpu_count": 2, "cpu_flags": ["avx2", "fma"], "torch_threads": 2,
            "torch_version": "2.13.0+cpu", "python_version": "3.11.7", "fastdistil_version": "0.1.0",
@@ -172,6 +170,14 @@ def test_report_has_every_section_table_and_plot(results_dir, tmp_path):
                              "retention.png", "train_step.png", "triple_loss.png"]
     for link in links:
         assert (results_dir / link).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_committed_report_regenerates_byte_for_byte(tmp_path):
+    """bench/results/REPORT.md is what the README's command makes of the committed results and evaluation output,
+    so a change to a section's code or to a template's text that leaves the committed report stale fails here."""
+    out = tmp_path / "REPORT.md"
+    report.main(["--eval", str(BENCH_DIR / "results" / "default-run" / "eval_wiki-topic.json"), "--out", str(out)])
+    assert out.read_bytes() == (BENCH_DIR / "results" / "REPORT.md").read_bytes()
 
 
 def test_missing_inputs_are_named_not_fatal(tmp_path):

@@ -6,14 +6,13 @@ import pytest
 import torch
 
 import fastdistil
-from fastdistil import _C
+from fastdistil import TripleLossArgs, _C
 from helpers import (FP32_GRAD_RTOL, FP32_LOSS_RTOL, GRADS, TERMS, assert_close, assert_within_pytorch_error,
-                     check_against_reference, check_fp16_under_loss_scale, loss_and_grads, make_inputs,
-                     reference64)
+                     check_against_reference, check_fp16_under_loss_scale, loss_and_grads, make_inputs, map_tensors,
+                     reference64, tensors)
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 cpp = functools.partial(fastdistil.triple_loss, backend="cpp")
-RAW_SCALARS = (2.0, 5.0, 2.0, 1.0, False)  # temperature, alpha_ce, alpha_mlm, alpha_cos, restrict
 
 
 # 41 rows is odd and not a multiple of the kernel's 4-row grain; (3, 14) is the [B, L] layout with padding
@@ -36,7 +35,7 @@ def test_alphas(alphas, restrict):
     terms, _ = check_against_reference(cpp, make_inputs((41,), 1001), alpha_ce=alpha_ce, alpha_mlm=alpha_mlm,
                                        alpha_cos=alpha_cos, restrict_ce_to_mask=restrict)
     if alphas == (0.0, 0.0, 0.0):
-        assert terms[0].item() == 0.0
+        assert terms.loss.item() == 0.0
 
 
 DTYPE_PAIRS = [(BF16, BF16), (BF16, FP32), (BF16, FP16), (FP16, FP16), (FP16, FP32), (FP16, BF16),
@@ -109,7 +108,7 @@ def test_every_cpu_isa(cpu_isa, dtype, temperature, vocab):
 def test_labels_at_row_ends(temperature):
     # 1001 = 62 * 16 + 9: labels 991/992 sit on both sides of the vector/tail boundary.
     inputs = make_inputs((6,), 1001, label_frac=0)
-    inputs[2].copy_(torch.tensor([0, 991, 992, 1000, -100, 500]))
+    inputs.labels.copy_(torch.tensor([0, 991, 992, 1000, -100, 500]))
     check_against_reference(cpp, inputs, temperature=temperature)
 
 
@@ -117,7 +116,7 @@ def test_labels_at_row_ends(temperature):
 def test_labels_on_padding_rows(restrict):
     # The reference counts every label != -100 in the MLM term, padding or not.
     inputs = make_inputs((41,), 1001, pad_frac=0.5, label_frac=0.4, labels_on_padding=True)
-    assert ((inputs[2] != -100) & ~inputs[5]).any()
+    assert ((inputs.labels != -100) & ~inputs.attention_mask).any()
     check_against_reference(cpp, inputs, restrict_ce_to_mask=restrict)
 
 
@@ -125,7 +124,7 @@ def test_labels_on_padding_rows(restrict):
 def test_integer_attention_mask(mask_dtype):
     # Hugging Face tokenizers return int64 masks; any non-zero value means a real token.
     inputs = make_inputs((3, 14), 1001, mask_dtype=mask_dtype)
-    inputs[5] = inputs[5] * (3 if mask_dtype != torch.bool else 1)
+    inputs = inputs._replace(attention_mask=inputs.attention_mask * (3 if mask_dtype != torch.bool else 1))
     check_against_reference(cpp, inputs)
 
 
@@ -139,8 +138,8 @@ def test_module_matches_functional():
     inputs = make_inputs((3, 14), 1001)
     kwargs = dict(temperature=1.5, alpha_ce=0.5, alpha_mlm=3.0, alpha_cos=0.25, restrict_ce_to_mask=True)
     module = fastdistil.TripleLoss(**kwargs, backend="cpp")
-    # The module holds the parameters, so the keyword arguments reach only the reference.
-    terms, grads = check_against_reference(lambda *a, **_: module(*a), inputs, **kwargs)
+    # The module holds the parameters: it gets only the tensors, so the keyword arguments set the reference's alone.
+    terms, grads = check_against_reference(lambda *args: module(*tensors(TripleLossArgs(*args))), inputs, **kwargs)
     terms_f, grads_f = loss_and_grads(cpp, inputs, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(terms + grads, terms_f + grads_f))
     assert "temperature=1.5" in repr(module)
@@ -153,7 +152,7 @@ def test_module_matches_functional():
 @pytest.mark.parametrize("lead", [(2, 5), (7,), (0,), (2, 0)], ids=str)
 def test_all_padding_gives_zero_loss_and_gradient(lead, restrict):
     inputs = make_inputs(lead, 1001, pad_frac=1.0, label_frac=0)
-    inputs[5].zero_()
+    inputs.attention_mask.zero_()
     terms, grads = loss_and_grads(cpp, inputs, restrict_ce_to_mask=restrict)
     assert [t.item() for t in terms] == [0.0] * 4
     for grad in grads:
@@ -163,13 +162,13 @@ def test_all_padding_gives_zero_loss_and_gradient(lead, restrict):
 def test_no_labels_gives_zero_mlm():
     inputs = make_inputs((3, 14), 1001, label_frac=0)
     terms, _ = check_against_reference(cpp, inputs)
-    assert terms[2].item() == 0.0 and terms[1].item() > 0
+    assert terms.loss_mlm.item() == 0.0 and terms.loss_ce.item() > 0
 
 
 def test_restrict_without_labels_gives_zero_ce():
     inputs = make_inputs((3, 14), 1001, label_frac=0)
     terms, grads = check_against_reference(cpp, inputs, restrict_ce_to_mask=True)
-    assert terms[1].item() == 0.0 and terms[2].item() == 0.0 and terms[3].item() > 0
+    assert terms.loss_ce.item() == 0.0 and terms.loss_mlm.item() == 0.0 and terms.loss_cos.item() > 0
     assert torch.equal(grads[0], torch.zeros_like(grads[0]))
 
 
@@ -195,47 +194,47 @@ def extreme_logits(vocab, dtype):
 def test_extreme_logits(dtype, temperature):
     inputs = make_inputs((6,), 1001, dtype=dtype, pad_frac=0)
     s, t = extreme_logits(1001, dtype)
-    inputs[0], inputs[1] = s.requires_grad_(), t
     # labels on the minimum of a +-1e4 row (CE = 2e4), the maximum of the ramp, the spike's neighbour
-    inputs[2] = torch.tensor([1, 1000, 1001 // 3 + 1, 7, 1000, -100])
+    inputs = inputs._replace(student_logits=s.requires_grad_(), teacher_logits=t,
+                             labels=torch.tensor([1, 1000, 1001 // 3 + 1, 7, 1000, -100]))
     terms, _ = check_against_reference(cpp, inputs, grad_output=2.0, temperature=temperature)
-    assert terms[2].item() > 1e3
+    assert terms.loss_mlm.item() > 1e3
 
 
 def test_hidden_states_with_a_dtype_of_their_own():
     # check_against_reference asserts that each gradient has its input's dtype and shape.
     inputs = make_inputs((3, 14), 1001, dtype=BF16, teacher_dtype=FP32)
-    inputs[3] = inputs[3].detach().float().requires_grad_()
-    inputs[4] = inputs[4].to(FP16)
+    inputs = inputs._replace(student_hidden=inputs.student_hidden.detach().float().requires_grad_(),
+                             teacher_hidden=inputs.teacher_hidden.to(FP16))
     check_against_reference(cpp, inputs, grad_output=2.0)
 
 
 def test_only_loss_carries_gradient_and_teacher_gets_none():
     inputs = make_inputs((41,), 1001)
-    inputs[1].requires_grad_()
-    inputs[4].requires_grad_()
+    inputs.teacher_logits.requires_grad_()
+    inputs.teacher_hidden.requires_grad_()
     out = cpp(*inputs)
     assert out.loss.requires_grad
-    assert not any(t.requires_grad for t in out[1:])
+    assert not any(t.requires_grad for t in (out.loss_ce, out.loss_mlm, out.loss_cos))
     out.loss.backward()
-    assert inputs[1].grad is None and inputs[4].grad is None
-    assert inputs[0].grad is not None and inputs[3].grad is not None
+    assert inputs.teacher_logits.grad is None and inputs.teacher_hidden.grad is None
+    assert inputs.student_logits.grad is not None and inputs.student_hidden.grad is not None
 
 
 def test_non_contiguous_inputs():
-    s0, t0, labels0, hs0, ht0, mask0 = (x.detach() for x in make_inputs((41,), 1001))
-    inputs = [
-        s0.t().contiguous().t().requires_grad_(),                   # column-major
-        torch.cat([t0, t0], dim=1)[:, ::2],                          # strided columns
-        torch.stack([labels0, labels0], dim=1)[:, 0],                # stride 2
-        hs0.t().contiguous().t().requires_grad_(),
-        torch.cat([ht0, ht0], dim=0)[41:],                           # offset view
-        torch.stack([mask0, mask0], dim=1)[:, 1],
-    ]
-    assert not any(x.is_contiguous() for x in inputs if x is not inputs[4])
+    base = map_tensors(torch.Tensor.detach, make_inputs((41,), 1001))
+    inputs = base._replace(
+        student_logits=base.student_logits.t().contiguous().t().requires_grad_(),           # column-major
+        teacher_logits=torch.cat([base.teacher_logits, base.teacher_logits], dim=1)[:, ::2],  # strided columns
+        labels=torch.stack([base.labels, base.labels], dim=1)[:, 0],                         # stride 2
+        student_hidden=base.student_hidden.t().contiguous().t().requires_grad_(),
+        teacher_hidden=torch.cat([base.teacher_hidden, base.teacher_hidden], dim=0)[41:],    # offset view
+        attention_mask=torch.stack([base.attention_mask, base.attention_mask], dim=1)[:, 1],
+    )
+    assert not any(x.is_contiguous() for x in tensors(inputs) if x is not inputs.teacher_hidden)
     check_against_reference(cpp, inputs)
     # stride 0: every row reads the same memory
-    inputs[0] = s0[:1].expand(41, 1001).detach().requires_grad_()
+    inputs = inputs._replace(student_logits=base.student_logits[:1].expand(41, 1001).detach().requires_grad_())
     check_against_reference(cpp, inputs)
 
 
@@ -260,25 +259,21 @@ def test_second_backward_through_the_graph(grad_output):
     _, (expected, _) = reference64(inputs, grad_output=grad_output)
     loss = cpp(*inputs).loss * grad_output
     loss.backward(retain_graph=True)
-    assert_close(inputs[0].grad, expected, FP32_GRAD_RTOL, "first backward")
+    assert_close(inputs.student_logits.grad, expected, FP32_GRAD_RTOL, "first backward")
     # The saved gradient is scaled in place; reusing it must fail loudly, never yield grad_output^2 scaling.
     try:
         loss.backward()
     except RuntimeError:
         return
-    assert_close(inputs[0].grad, 2 * expected, FP32_GRAD_RTOL, "accumulated gradient of two backwards")
+    assert_close(inputs.student_logits.grad, 2 * expected, FP32_GRAD_RTOL, "accumulated gradient of two backwards")
 
 
 # --- the raw ops ---
 
 
-def raw_args(inputs):
-    return [x.detach() for x in inputs] + list(RAW_SCALARS)
-
-
 def test_forward_op_returns_reference_gradients():
     inputs = make_inputs((3, 14), 1001)
-    out = torch.ops.fastdistil._triple_loss_forward(*raw_args(inputs))
+    out = torch.ops.fastdistil._triple_loss_forward(*map_tensors(torch.Tensor.detach, inputs))
     terms64, grads64 = reference64(inputs, grad_output=1.0)
     for name, a, e in zip(TERMS + GRADS, out, terms64 + grads64):
         assert_close(a, e, FP32_LOSS_RTOL if a.dim() == 0 else FP32_GRAD_RTOL, name)
@@ -287,10 +282,10 @@ def test_forward_op_returns_reference_gradients():
 @pytest.mark.parametrize("dtype", [FP32, BF16], ids=str)
 def test_triple_loss_out_writes_forward_gradients(dtype):
     inputs = make_inputs((3, 14), 1001, dtype=dtype)
-    args = raw_args(inputs)
+    args = map_tensors(torch.Tensor.detach, inputs)
     # NaN first: every element, padding rows included, must be written.
-    grad_logits = torch.full_like(args[0], float("nan"))
-    grad_hidden = torch.full_like(args[3], float("nan"))
+    grad_logits = torch.full_like(args.student_logits, float("nan"))
+    grad_hidden = torch.full_like(args.student_hidden, float("nan"))
     terms = torch.ops.fastdistil.triple_loss_out(*args, grad_student_logits=grad_logits,
                                                  grad_student_hidden=grad_hidden)
     expected = torch.ops.fastdistil._triple_loss_forward(*args)
@@ -313,11 +308,11 @@ def test_triple_loss_out_writes_forward_gradients(dtype):
     ("grad_student_hidden", lambda x: x.double()),
 ], ids=["logits-shape", "logits-dtype", "logits-strided", "logits-alias", "hidden-shape", "hidden-dtype"])
 def test_triple_loss_out_rejects_bad_buffers_without_writing(which, bad):
-    args = raw_args(make_inputs((41,), 1001))
-    buffers = {"grad_student_logits": torch.full_like(args[0], 7.0),
-               "grad_student_hidden": torch.full_like(args[3], 7.0)}
-    source = args[0] if which == "grad_student_logits" else args[3]
-    buffers[which] = args[0] if bad == "alias" else bad(torch.full_like(source, 7.0))
+    args = map_tensors(torch.Tensor.detach, make_inputs((41,), 1001))
+    buffers = {"grad_student_logits": torch.full_like(args.student_logits, 7.0),
+               "grad_student_hidden": torch.full_like(args.student_hidden, 7.0)}
+    source = getattr(args, which.removeprefix("grad_"))
+    buffers[which] = args.student_logits if bad == "alias" else bad(torch.full_like(source, 7.0))
     before = {k: v.clone() for k, v in buffers.items()}
     with pytest.raises(RuntimeError, match=which):
         torch.ops.fastdistil.triple_loss_out(*args, **buffers)

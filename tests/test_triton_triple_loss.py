@@ -22,7 +22,8 @@ import fastdistil  # noqa: E402
 from fastdistil import extension  # noqa: E402
 from fastdistil.kernels import triple_loss as kernel_module  # noqa: E402
 from fastdistil.ops.triple_loss import triton_forward as triple_loss_forward  # noqa: E402
-from helpers import TERMS, check_against_reference, check_fp16_under_loss_scale, make_inputs  # noqa: E402
+from helpers import (TERMS, check_against_reference, check_fp16_under_loss_scale, make_inputs,  # noqa: E402
+                     map_tensors, on_device, tensors)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = not isinstance(kernel_module._triple_loss_logits_kernel, triton.runtime.JITFunction)
@@ -30,7 +31,7 @@ triton_loss = functools.partial(fastdistil.triple_loss, backend="triton")
 
 
 def inputs_on_device(**make_kwargs):
-    return [x.detach().to(DEVICE).requires_grad_(x.requires_grad) for x in make_inputs(**make_kwargs)]
+    return on_device(make_inputs(**make_kwargs), DEVICE)
 
 
 def check(inputs, **loss_kwargs):
@@ -38,7 +39,7 @@ def check(inputs, **loss_kwargs):
     gradient the forward already rounded to the student's dtype, a second rounding (up to ~1.5 ulp in all)
     that the reference's single rounding does not make, so there the kernel's own error is measured, at
     grad_output 1."""
-    grad_output = 1.7 if inputs[0].dtype == torch.float32 else 1.0
+    grad_output = 1.7 if inputs.student_logits.dtype == torch.float32 else 1.0
     return check_against_reference(triton_loss, inputs, grad_output=grad_output, **loss_kwargs)
 
 
@@ -100,11 +101,14 @@ def test_extreme_logits(dtype, restrict):
     """Logits of +-1e4 (the softmaxes are one-hot, the KL is ~1e4 T^2) stay finite and exact."""
     inputs = inputs_on_device(lead=(3, 5), vocab=257, dtype=dtype)
     g = torch.Generator().manual_seed(1)
-    for i in (0, 1):
-        spikes = torch.randint(-1, 2, inputs[i].shape, generator=g) * 1e4
-        inputs[i] = (inputs[i].detach() + spikes.to(DEVICE, dtype)).requires_grad_(i == 0)
+
+    def spiked(x):
+        return x.detach() + (torch.randint(-1, 2, x.shape, generator=g) * 1e4).to(DEVICE, dtype)
+
+    inputs = inputs._replace(student_logits=spiked(inputs.student_logits).requires_grad_(),
+                             teacher_logits=spiked(inputs.teacher_logits))
     terms, _ = check(inputs, restrict_ce_to_mask=restrict)
-    assert terms[1] > 1e3
+    assert terms.loss_ce > 1e3
 
 
 @pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
@@ -135,14 +139,14 @@ def test_empty_selections_give_zero(case, restrict):
     """A term without rows is 0 with a zero gradient, never NaN; a batch of padding is 0 altogether."""
     if case == "all-padding":
         inputs = inputs_on_device(lead=(2, 6), vocab=257, pad_frac=1.0, label_frac=0.0)
-        inputs[5] = torch.zeros_like(inputs[5])
+        inputs = inputs._replace(attention_mask=torch.zeros_like(inputs.attention_mask))
     else:
         inputs = inputs_on_device(lead=(2, 6), vocab=257, label_frac=0.0)
-    assert (inputs[2] == -100).all()
+    assert (inputs.labels == -100).all()
     terms, grads = check(inputs, restrict_ce_to_mask=restrict)
-    assert terms[2] == 0
+    assert terms.loss_mlm == 0
     if case == "all-padding" or restrict:
-        assert terms[1] == 0
+        assert terms.loss_ce == 0
     if case == "all-padding":
         assert all(term == 0 for term in terms)
         assert all((grad == 0).all() for grad in grads)
@@ -152,16 +156,18 @@ def test_inputs_untouched_and_strided_inputs_accepted():
     """Non-contiguous inputs give the results of their contiguous copies, and no input is written."""
     inputs = inputs_on_device(lead=(2, 6), vocab=257)
     wide = torch.randn(2, 6, 300, device=DEVICE)
-    wide[..., :257] = inputs[0].detach()
-    strided = [wide[..., :257].requires_grad_(), inputs[1].transpose(0, 1).contiguous().transpose(0, 1),
-               inputs[2], inputs[3].detach().clone().requires_grad_(), inputs[4], inputs[5]]
-    before = [x.detach().clone() for x in strided]
-    contiguous = triple_loss_forward(*[x.detach().contiguous() for x in strided], 2.0, 5.0, 2.0, 1.0, False)
-    out = triple_loss_forward(*[x.detach() for x in strided], 2.0, 5.0, 2.0, 1.0, False)
+    wide[..., :257] = inputs.student_logits.detach()
+    strided = inputs._replace(
+        student_logits=wide[..., :257].requires_grad_(),
+        teacher_logits=inputs.teacher_logits.transpose(0, 1).contiguous().transpose(0, 1),
+        student_hidden=inputs.student_hidden.detach().clone().requires_grad_())
+    before = [x.detach().clone() for x in tensors(strided)]
+    contiguous = triple_loss_forward(*map_tensors(lambda x: x.detach().contiguous(), strided))
+    out = triple_loss_forward(*map_tensors(torch.Tensor.detach, strided))
     for a, b in zip(out, contiguous):
         assert torch.equal(a, b)
-    assert out[4].is_contiguous() and out[4].shape == inputs[0].shape
-    for x, x0 in zip(strided, before):
+    assert out[4].is_contiguous() and out[4].shape == inputs.student_logits.shape
+    for x, x0 in zip(tensors(strided), before):
         assert torch.equal(x.detach(), x0)
 
 
@@ -169,29 +175,28 @@ def test_inputs_untouched_and_strided_inputs_accepted():
 def test_float64_matches_reference_and_passes_gradcheck(restrict):
     """float64 inputs (for gradient checks) are computed in float64 and give float64 loss terms."""
     inputs = inputs_on_device(lead=(2, 3), vocab=7, dim=5, dtype=torch.float64, label_frac=0.5)
-    s, t, labels, hs, ht, mask = inputs
-    kwargs = dict(temperature=1.5, restrict_ce_to_mask=restrict)
-    reference = fastdistil.triple_loss_reference(*inputs, **kwargs)
-    for name, a, b in zip(TERMS, triton_loss(*inputs, **kwargs), reference):
+    inputs = inputs._replace(temperature=1.5, restrict_ce_to_mask=restrict)
+    reference = fastdistil.triple_loss_reference(*inputs)
+    for name, a, b in zip(TERMS, triton_loss(*inputs), reference):
         assert a.dtype == torch.float64, name
         torch.testing.assert_close(a, b.detach(), rtol=1e-10, atol=1e-12, msg=name)
 
-    def loss(s, hs):
-        return triton_loss(s, t, labels, hs, ht, mask, **kwargs).loss
+    def loss(student_logits, student_hidden):
+        return triton_loss(*inputs._replace(student_logits=student_logits, student_hidden=student_hidden)).loss
 
     # fast_mode: a few random directions instead of one interpreted launch per input element
-    assert torch.autograd.gradcheck(loss, (s, hs), fast_mode=True)
+    assert torch.autograd.gradcheck(loss, (inputs.student_logits, inputs.student_hidden), fast_mode=True)
 
 
 @pytest.mark.skipif(not extension.AVAILABLE, reason="needs fastdistil._C")
 @pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
 def test_agrees_with_cpp_kernel(restrict):
     """Both kernels implement fastdistil::_triple_loss_forward; at T = 1.5 neither takes the es^T shortcut."""
-    inputs = [x.detach() for x in make_inputs(lead=(3, 7), vocab=257, labels_on_padding=True)]
-    scalars = (1.5, 5.0, 2.0, 1.0, restrict)
+    inputs = map_tensors(torch.Tensor.detach, make_inputs(lead=(3, 7), vocab=257, labels_on_padding=True))
+    inputs = inputs._replace(temperature=1.5, restrict_ce_to_mask=restrict)
     for name, a, b in zip(TERMS + ("grad_logits", "grad_hidden", "logits_grad_scale"),
-                          triple_loss_forward(*[x.to(DEVICE) for x in inputs], *scalars),
-                          torch.ops.fastdistil._triple_loss_forward(*inputs, *scalars)):
+                          triple_loss_forward(*map_tensors(lambda x: x.to(DEVICE), inputs)),
+                          torch.ops.fastdistil._triple_loss_forward(*inputs)):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-7, msg=name)
 
@@ -256,7 +261,7 @@ def test_full_size_on_cuda(dtype, restrict):
     inputs = inputs_on_device(lead=(16, 128), vocab=30522, dim=768, dtype=dtype)
     check(inputs, restrict_ce_to_mask=restrict)
 
-    args = (*[x.detach() for x in inputs], 2.0, 5.0, 2.0, 1.0, restrict)
+    args = map_tensors(torch.Tensor.detach, inputs._replace(restrict_ce_to_mask=restrict))
     first = triple_loss_forward(*args)
     for a, b in zip(first, triple_loss_forward(*args)):
         assert torch.equal(a, b)

@@ -8,7 +8,7 @@ A query row whose keys are all padding (a sequence that is all padding) gets out
 
 The op in the order every op module follows: its schemas (csrc/ops.cpp), fake kernels, autograd, then one
 implementation per device, and the Python API last. fastdistil::attention decomposes (CompositeImplicitAutograd)
-into, per DESIGN.md's support matrix:
+into, per the support matrix (README, "The student's attention, and GPUs"):
 - the fused Triton kernel (kernels/attention.py) for fp16/bf16 on CUDA GPUs of compute capability 8.0 and
   newer, through the private ops fastdistil::_attention_forward / _attention_backward (CUDA kernels, fake
   kernels and autograd registered here, so torch.compile sees them as opaque ops);

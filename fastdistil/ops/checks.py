@@ -99,7 +99,7 @@ def triple_loss(student_logits, teacher_logits, labels_, student_hidden, teacher
 
 def fused_linear_triple_loss(student_input, student_weight, student_bias, teacher_input, teacher_weight,
                              teacher_bias, labels_, student_hidden, teacher_hidden, attention_mask, temperature,
-                             alpha_ce, alpha_mlm, alpha_cos, chunk_size: int) -> None:
+                             alpha_ce, alpha_mlm, alpha_cos, chunk_size: int, check_label_values: bool = True) -> None:
     op = "fused_linear_triple_loss"
     named = dict(student_input=student_input, student_weight=student_weight, student_bias=student_bias,
                  teacher_input=teacher_input, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
@@ -127,7 +127,7 @@ def fused_linear_triple_loss(student_input, student_weight, student_bias, teache
     if tuple(teacher_input.shape[:-1]) != lead:
         raise ValueError(f"{op}: teacher_input must have the leading shape {lead} of student_input, got "
                          f"{tuple(teacher_input.shape)}")
-    labels(op, labels_, lead, vocab)
+    labels(op, labels_, lead, vocab, check_label_values)
     mask(op, "attention_mask", attention_mask, lead)
     hidden_pair(op, student_hidden, teacher_hidden, lead)
     loss_scalars(op, temperature, alpha_ce, alpha_mlm, alpha_cos)

@@ -25,7 +25,6 @@ grad_output and rounds once. Stored at the scaled magnitude in fp16 they could o
 import functools
 
 import torch
-import torch.nn as nn
 
 from fastdistil.kernels.gradient_scale import hidden_grad_dtype, logits_grad_scale
 from fastdistil.ops import checks, extension, precomputed
@@ -208,8 +207,15 @@ def _forward(student_input, student_weight, student_bias, teacher_input, teacher
             grad_bias.to(bias_dtype), grad_hidden, grad_scale)
 
 
-def _composite(*args):
-    return torch.ops.fastdistil._fused_linear_triple_loss_forward(*args)[:4]
+def _composite(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias, labels,
+               student_hidden, teacher_hidden, attention_mask, temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0,
+               alpha_cos=1.0, restrict_ce_to_mask=False, chunk_size=0):
+    """fastdistil::fused_linear_triple_loss. Label values are left to the loss kernels: reading them here would be
+    a data-dependent branch wherever the op is traced."""
+    args = (student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias, labels,
+            student_hidden, teacher_hidden, attention_mask, temperature, alpha_ce, alpha_mlm, alpha_cos)
+    checks.fused_linear_triple_loss(*args, chunk_size, check_label_values=False)
+    return torch.ops.fastdistil._fused_linear_triple_loss_forward(*args, restrict_ce_to_mask, chunk_size)[:4]
 
 
 if extension.AVAILABLE:
@@ -220,24 +226,13 @@ if extension.AVAILABLE:
 # --- the Python API -----------------------------------------------------------------------------------------
 
 
-def fused_linear_triple_loss(
-    student_input: torch.Tensor,
-    student_weight: torch.Tensor,
-    student_bias: torch.Tensor | None,
-    teacher_input: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    teacher_bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    attention_mask: torch.Tensor,
-    temperature: float = 2.0,
-    alpha_ce: float = 5.0,
-    alpha_mlm: float = 2.0,
-    alpha_cos: float = 1.0,
-    restrict_ce_to_mask: bool = False,
-    chunk_size: int = 0,
-) -> TripleLossOutput:
+def fused_linear_triple_loss(student_input: torch.Tensor, student_weight: torch.Tensor,
+                             student_bias: torch.Tensor | None, teacher_input: torch.Tensor,
+                             teacher_weight: torch.Tensor, teacher_bias: torch.Tensor | None, labels: torch.Tensor,
+                             student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor,
+                             temperature: float = 2.0, alpha_ce: float = 5.0, alpha_mlm: float = 2.0,
+                             alpha_cos: float = 1.0, restrict_ce_to_mask: bool = False,
+                             chunk_size: int = 0) -> TripleLossOutput:
     """The triple loss of both models' vocabulary projections, without materializing any [N, V] logits.
 
     Args:
@@ -265,31 +260,3 @@ def fused_linear_triple_loss(
         raise RuntimeError(f"fused_linear_triple_loss on CUDA runs the Triton loss kernel: {triton_kernels_error()}")
     return TripleLossOutput(*torch.ops.fastdistil.fused_linear_triple_loss(
         *args, bool(restrict_ce_to_mask), int(chunk_size)))
-
-
-class FusedLinearTripleLoss(nn.Module):
-    """nn.Module form of :func:`fused_linear_triple_loss`, holding the temperature, the weights, the KL row choice
-    and the chunk size; it takes the projections (weights and biases) with the inputs, so that a projector tied
-    to the word embeddings stays the model's own parameter."""
-
-    def __init__(self, temperature: float = 2.0, alpha_ce: float = 5.0, alpha_mlm: float = 2.0,
-                 alpha_cos: float = 1.0, restrict_ce_to_mask: bool = False, chunk_size: int = 0):
-        super().__init__()
-        self.temperature = temperature
-        self.alpha_ce = alpha_ce
-        self.alpha_mlm = alpha_mlm
-        self.alpha_cos = alpha_cos
-        self.restrict_ce_to_mask = restrict_ce_to_mask
-        self.chunk_size = chunk_size
-
-    def forward(self, student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias,
-                labels, student_hidden, teacher_hidden, attention_mask) -> TripleLossOutput:
-        return fused_linear_triple_loss(student_input, student_weight, student_bias, teacher_input, teacher_weight,
-                                        teacher_bias, labels, student_hidden, teacher_hidden, attention_mask,
-                                        self.temperature, self.alpha_ce, self.alpha_mlm, self.alpha_cos,
-                                        self.restrict_ce_to_mask, self.chunk_size)
-
-    def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha_ce={self.alpha_ce}, alpha_mlm={self.alpha_mlm}, "
-                f"alpha_cos={self.alpha_cos}, restrict_ce_to_mask={self.restrict_ce_to_mask}, "
-                f"chunk_size={self.chunk_size}")

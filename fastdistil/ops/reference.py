@@ -14,19 +14,10 @@ import torch.nn.functional as F
 from fastdistil.ops.values import TripleLossOutput
 
 
-def triple_loss_reference(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    attention_mask: torch.Tensor,
-    temperature: float = 2.0,
-    alpha_ce: float = 5.0,
-    alpha_mlm: float = 2.0,
-    alpha_cos: float = 1.0,
-    restrict_ce_to_mask: bool = False,
-) -> TripleLossOutput:
+def triple_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                          student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor,
+                          temperature: float = 2.0, alpha_ce: float = 5.0, alpha_mlm: float = 2.0,
+                          alpha_cos: float = 1.0, restrict_ce_to_mask: bool = False) -> TripleLossOutput:
     """Weighted DistilBERT loss and its three unweighted terms (fp32 scalars; float64 for float64 inputs)."""
     compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     s_logits = student_logits.to(compute)

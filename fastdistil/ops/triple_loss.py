@@ -18,7 +18,6 @@ import warnings
 from typing import Literal
 
 import torch
-import torch.nn as nn
 
 from fastdistil.kernels.gradient_scale import hidden_grad_dtype
 from fastdistil.ops import checks, extension, precomputed
@@ -175,9 +174,10 @@ if torch.cuda.is_available() and triton_kernels_error():
 
 @torch.compiler.assume_constant_result  # a property of the machine: torch.compile calls it once, at trace time
 def auto_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
-    """(backend, why) of backend="auto" for logits of this device and dtype, by DESIGN.md's support matrix:
-    "cpp" or "triton" (reached through torch.ops.fastdistil.triple_loss), "reference" when no compiled kernel
-    exists for the device, "unsupported" when the GPU cannot run the dtype at all."""
+    """(backend, why) of backend="auto" for logits of this device and dtype, by the support matrix (README,
+    "The student's attention, and GPUs"): "cpp" or "triton" (reached through torch.ops.fastdistil.triple_loss),
+    "reference" when no compiled kernel exists for the device, "unsupported" when the GPU cannot run the dtype at
+    all."""
     if not extension.AVAILABLE:
         return "reference", "fastdistil._C, which defines the op, is not loaded"
     if device.type == "cpu":
@@ -220,20 +220,10 @@ _triton_with_autograd = precomputed.function(GRADIENTS, triton_forward)
 # --- the Python API -----------------------------------------------------------------------------------------
 
 
-def triple_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    attention_mask: torch.Tensor,
-    temperature: float = 2.0,
-    alpha_ce: float = 5.0,
-    alpha_mlm: float = 2.0,
-    alpha_cos: float = 1.0,
-    restrict_ce_to_mask: bool = False,
-    backend: Backend = "auto",
-) -> TripleLossOutput:
+def triple_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor,
+                temperature: float = 2.0, alpha_ce: float = 5.0, alpha_mlm: float = 2.0, alpha_cos: float = 1.0,
+                restrict_ce_to_mask: bool = False, backend: Backend = "auto") -> TripleLossOutput:
     """The DistilBERT triple loss, fused.
 
     Args:
@@ -269,28 +259,3 @@ def triple_loss(
     if backend == "cpp" and student_logits.device.type != "cpu":
         raise ValueError(f"triple_loss: backend='cpp' runs on CPU tensors, got {student_logits.device}")
     return TripleLossOutput(*torch.ops.fastdistil.triple_loss(*args))
-
-
-class TripleLoss(nn.Module):
-    """nn.Module form of :func:`triple_loss`, holding the temperature, the weights and the KL row choice."""
-
-    def __init__(self, temperature: float = 2.0, alpha_ce: float = 5.0, alpha_mlm: float = 2.0,
-                 alpha_cos: float = 1.0, restrict_ce_to_mask: bool = False, backend: Backend = "auto"):
-        super().__init__()
-        self.temperature = temperature
-        self.alpha_ce = alpha_ce
-        self.alpha_mlm = alpha_mlm
-        self.alpha_cos = alpha_cos
-        self.restrict_ce_to_mask = restrict_ce_to_mask
-        self.backend = backend
-
-    def forward(self, student_logits, teacher_logits, labels, student_hidden, teacher_hidden,
-                attention_mask) -> TripleLossOutput:
-        return triple_loss(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
-                           self.temperature, self.alpha_ce, self.alpha_mlm, self.alpha_cos, self.restrict_ce_to_mask,
-                           self.backend)
-
-    def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha_ce={self.alpha_ce}, alpha_mlm={self.alpha_mlm}, "
-                f"alpha_cos={self.alpha_cos}, restrict_ce_to_mask={self.restrict_ce_to_mask}, "
-                f"backend={self.backend!r}")
