@@ -37,3 +37,20 @@ def test_token_weighting_changes_the_loss_when_batches_differ_in_length(teacher_
                                          "--grad-accum", "2", *extra)))
         losses[name] = [m["loss"] for m in metrics_of(tmp_path / name)]
     assert losses["mean"] != pytest.approx(losses["weighted"], rel=1e-7)
+
+
+def test_on_cuda_the_cpu_statistics_get_a_backend_of_their_own(monkeypatch):
+    """Each step all-reduces its statistics as a CPU tensor, which NCCL alone cannot do: under torchrun on GPUs
+    the process group must give CPU tensors gloo (the run would otherwise fail at its first step's reduction)."""
+    from fastdistil.train import distributed
+
+    joined = {}
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: joined.setdefault("device", index))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: joined.setdefault("backend", backend))
+    procs = distributed.init("cuda")
+    assert (procs.rank, procs.world_size, procs.local_rank, joined["device"]) == (1, 2, 1, 1)
+    assert set(joined["backend"].split(",")) == {"cuda:nccl", "cpu:gloo"}

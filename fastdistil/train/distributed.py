@@ -1,7 +1,7 @@
 """The process group of a torchrun launch: who this process is, and the few collectives the trainer needs.
 
 Launched by torchrun (env:// rendezvous: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set), the trainer joins
-a process group: NCCL when it runs on CUDA, gloo on CPU. Launched plainly, it is rank 0 of 1 and nothing here
+a process group: NCCL for CUDA tensors and gloo for CPU ones on GPUs, gloo on CPU. Launched plainly, it is rank 0 of 1 and nothing here
 communicates.
 """
 
@@ -23,7 +23,6 @@ class Processes:
         return self.rank == 0
 
 
-
 def restarted() -> bool:
     """True when torchrun (--max-restarts) relaunched this job after a failure."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -41,7 +40,9 @@ def init(device_type: str) -> Processes:
     if device_type == "cuda":
         torch.cuda.set_device(procs.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        # The step's statistics and the stop flag are CPU tensors, which NCCL cannot reduce: gloo carries them
+        # while NCCL carries the gradients.
+        dist.init_process_group("cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo")
     return procs
 
 
