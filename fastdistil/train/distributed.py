@@ -1,8 +1,8 @@
 """The process group of a torchrun launch: who this process is, and the few collectives the trainer needs.
 
 Launched by torchrun (env:// rendezvous: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT set), the trainer joins
-a process group: NCCL for CUDA tensors and gloo for CPU ones on GPUs, gloo on CPU. Launched plainly, it is rank 0 of 1 and nothing here
-communicates.
+a process group: on GPUs NCCL for CUDA tensors and gloo for CPU ones, on CPU gloo. Launched plainly, it is rank 0
+of 1 and nothing here communicates.
 """
 
 import os
