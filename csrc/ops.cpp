@@ -14,10 +14,12 @@
 
 TORCH_LIBRARY(fastdistil, m) {
   // --- the triple loss on logits (fastdistil/ops/triple_loss.py) ---
+  // alpha_mse weighs the original distiller's logit MSE (--alpha_mse), a fourth term inside `loss`: the public
+  // ops keep their four outputs, and the private forwards return loss_mse after loss_cos.
   m.def(
       "triple_loss(Tensor student_logits, Tensor teacher_logits, Tensor labels, Tensor student_hidden, "
       "Tensor teacher_hidden, Tensor attention_mask, float temperature=2.0, float alpha_ce=5.0, "
-      "float alpha_mlm=2.0, float alpha_cos=1.0, bool restrict_ce_to_mask=False) "
+      "float alpha_mlm=2.0, float alpha_cos=1.0, bool restrict_ce_to_mask=False, float alpha_mse=0.0) "
       "-> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos)");
   // The gradient of `loss` with respect to student_logits (in its dtype, times logits_grad_scale, a power of
   // two that is 1 except for fp16 logits) and student_hidden (in its dtype, fp32 for fp16 hidden states): the
@@ -26,9 +28,9 @@ TORCH_LIBRARY(fastdistil, m) {
   m.def(
       "_triple_loss_forward(Tensor student_logits, Tensor teacher_logits, Tensor labels, Tensor student_hidden, "
       "Tensor teacher_hidden, Tensor attention_mask, float temperature, float alpha_ce, float alpha_mlm, "
-      "float alpha_cos, bool restrict_ce_to_mask) "
-      "-> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos, Tensor grad_student_logits, "
-      "Tensor grad_student_hidden, Tensor logits_grad_scale)");
+      "float alpha_cos, bool restrict_ce_to_mask, float alpha_mse=0.0) "
+      "-> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos, Tensor loss_mse, "
+      "Tensor grad_student_logits, Tensor grad_student_hidden, Tensor logits_grad_scale)");
   // Writes the gradient into caller-owned buffers: a training loop that reuses them every step does not pay
   // for allocating and first-touching an [N, V] tensor each time. No autograd. The logits gradient is written
   // times logits_grad_scale (a caller under a loss scale passes a power of two near it, so that fp16 keeps the
@@ -36,7 +38,7 @@ TORCH_LIBRARY(fastdistil, m) {
   m.def(
       "triple_loss_out(Tensor student_logits, Tensor teacher_logits, Tensor labels, Tensor student_hidden, "
       "Tensor teacher_hidden, Tensor attention_mask, float temperature, float alpha_ce, float alpha_mlm, "
-      "float alpha_cos, bool restrict_ce_to_mask, *, Tensor(a!) grad_student_logits, "
+      "float alpha_cos, bool restrict_ce_to_mask, float alpha_mse=0.0, *, Tensor(a!) grad_student_logits, "
       "Tensor(b!) grad_student_hidden, float logits_grad_scale=1.0) "
       "-> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos)");
   // The backward of the precomputed gradients: grad *= scale in place (scale: a one-element fp32 tensor on
@@ -48,30 +50,31 @@ TORCH_LIBRARY(fastdistil, m) {
       "fused_linear_triple_loss(Tensor student_input, Tensor student_weight, Tensor? student_bias, "
       "Tensor teacher_input, Tensor teacher_weight, Tensor? teacher_bias, Tensor labels, Tensor student_hidden, "
       "Tensor teacher_hidden, Tensor attention_mask, float temperature=2.0, float alpha_ce=5.0, "
-      "float alpha_mlm=2.0, float alpha_cos=1.0, bool restrict_ce_to_mask=False, int chunk_size=0) "
-      "-> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos)");
+      "float alpha_mlm=2.0, float alpha_cos=1.0, bool restrict_ce_to_mask=False, int chunk_size=0, "
+      "float alpha_mse=0.0) -> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos)");
   // The gradients in the inputs' dtypes (fp32 for fp16 inputs), the input, weight and bias ones times
   // logits_grad_scale.
   m.def(
       "_fused_linear_triple_loss_forward(Tensor student_input, Tensor student_weight, Tensor? student_bias, "
       "Tensor teacher_input, Tensor teacher_weight, Tensor? teacher_bias, Tensor labels, Tensor student_hidden, "
       "Tensor teacher_hidden, Tensor attention_mask, float temperature=2.0, float alpha_ce=5.0, "
-      "float alpha_mlm=2.0, float alpha_cos=1.0, bool restrict_ce_to_mask=False, int chunk_size=0) "
-      "-> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos, Tensor grad_student_input, "
-      "Tensor grad_student_weight, Tensor grad_student_bias, Tensor grad_student_hidden, "
-      "Tensor logits_grad_scale)");
+      "float alpha_mlm=2.0, float alpha_cos=1.0, bool restrict_ce_to_mask=False, int chunk_size=0, "
+      "float alpha_mse=0.0) -> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos, Tensor loss_mse, "
+      "Tensor grad_student_input, Tensor grad_student_weight, Tensor grad_student_bias, "
+      "Tensor grad_student_hidden, Tensor logits_grad_scale)");
 
   // --- the student's attention (attention.py) ---
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None, float dropout_p=0.0, "
-      "float? scale=None) -> Tensor");
+      "float? scale=None, bool is_causal=False) -> Tensor");
   // (out [B, H, L, Dh], logsumexp [B, H, L] fp32); seed: the [1] int64 Philox seed of the dropout.
   m.def(
-      "_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float dropout_p, float scale, "
-      "Tensor seed) -> (Tensor, Tensor)");
+      "_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, bool is_causal, "
+      "float dropout_p, float scale, Tensor seed) -> (Tensor, Tensor)");
   m.def(
       "_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, "
-      "Tensor seed, Tensor out, Tensor lse, float dropout_p, float scale) -> (Tensor, Tensor, Tensor)");
+      "bool is_causal, Tensor seed, Tensor out, Tensor lse, float dropout_p, float scale) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 // A real Python module, so that `import fastdistil._C` loads this library and runs the registrations above.

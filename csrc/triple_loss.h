@@ -27,10 +27,12 @@ struct RowsArgs {
   at::ScalarType logits_dtype, teacher_dtype, hidden_dtype, teacher_hidden_dtype;
   at::ScalarType grad_hidden_dtype;  // hidden_dtype, or float32 for fp16 hidden states (see triple_loss_cpu.cpp)
   float inv_temp, kl_coef, ce_coef, cos_coef;
+  float mse_coef;  // 2 * alpha_mse / n_selected (times P, as kl_coef): 0 compiles the MSE gradient out
   int temp_pow;  // 1 or 2 when T is that integer, else 0
   double* kl_rows;
   double* ce_rows;
   double* cos_rows;
+  double* mse_rows;
 };
 
 // fp32 and the two 16-bit float types; the kernels compute in fp32 whatever they load.

@@ -8,6 +8,8 @@
 // fp16: the logits gradient is written times a power of two P, and the hidden-state gradient of fp16 hidden
 // states in fp32, so that the loss scale backward applies later cannot find them underflowed.
 // kernels/gradient_scale.py explains the rule and computes the same P on the device for the Triton kernel.
+//
+// The loss terms, in the order of the private forward's outputs: loss, loss_ce, loss_mlm, loss_cos, loss_mse.
 
 #include <torch/extension.h>
 
@@ -41,8 +43,9 @@ bool is_logit_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFlo
 // same zero rows) written with ATen ops in double precision. Fills the per-row partials and both gradients.
 void float64_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& labels, const at::Tensor& hs,
                   const at::Tensor& ht, const std::vector<uint8_t>& selected_rows, const at::Tensor& real_rows,
-                  double temperature, double kl_coef, double ce_coef, double cos_coef, at::Tensor& grad_logits,
-                  at::Tensor& grad_hidden, double* kl_rows, double* ce_rows, double* cos_rows) {
+                  double temperature, double kl_coef, double ce_coef, double cos_coef, double mse_coef,
+                  at::Tensor& grad_logits, at::Tensor& grad_hidden, double* kl_rows, double* ce_rows,
+                  double* cos_rows, double* mse_rows) {
   const int64_t N = labels.numel(), V = s.size(-1), D = hs.size(-1);
   const auto opts = s.options();
   const auto s2 = s.reshape({N, V}), t2 = t.reshape({N, V}), hs2 = hs.reshape({N, D}), ht2 = ht.reshape({N, D});
@@ -58,6 +61,9 @@ void float64_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& la
   const auto ce = -log_sm.gather(1, target).squeeze(1) * labelled;
   auto grad = (log_q.exp() - p) * (selected * kl_coef).unsqueeze(1);
   grad += (log_sm.exp() - at::zeros_like(s2).scatter_(1, target, 1.0)) * (labelled * ce_coef).unsqueeze(1);
+  const auto diff = s2 - t2;
+  const auto mse = (diff * diff).sum(-1) * selected;
+  grad += diff * (selected * mse_coef).unsqueeze(1);
   grad_logits.copy_(grad.reshape(s.sizes()));
   const auto ss = (hs2 * hs2).sum(-1) + 1e-12, tt = (ht2 * ht2).sum(-1) + 1e-12;
   const auto denom = (ss * tt).sqrt();
@@ -68,13 +74,14 @@ void float64_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& la
   std::memcpy(kl_rows, kl.contiguous().data_ptr<double>(), N * sizeof(double));
   std::memcpy(ce_rows, ce.contiguous().data_ptr<double>(), N * sizeof(double));
   std::memcpy(cos_rows, cos_loss.contiguous().data_ptr<double>(), N * sizeof(double));
+  std::memcpy(mse_rows, mse.contiguous().data_ptr<double>(), N * sizeof(double));
 }
 
 // Every check runs before anything is written, so a bad call leaves the output buffers as they were. The words
 // are fastdistil/ops/checks.py's, which the Python API checks first.
 void check_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& labels, const at::Tensor& hs,
                   const at::Tensor& ht, const at::Tensor& mask, double temperature, double alpha_ce,
-                  double alpha_mlm, double alpha_cos) {
+                  double alpha_mlm, double alpha_cos, double alpha_mse) {
   const std::pair<const char*, const at::Tensor*> named[] = {{"teacher_logits", &t},  {"labels", &labels},
                                                              {"student_hidden", &hs}, {"teacher_hidden", &ht},
                                                              {"attention_mask", &mask}};
@@ -112,15 +119,24 @@ void check_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& la
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "triple_loss: temperature must be > 0 and finite, got ",
               temperature);
   const std::pair<const char*, double> alphas[] = {
-      {"alpha_ce", alpha_ce}, {"alpha_mlm", alpha_mlm}, {"alpha_cos", alpha_cos}};
+      {"alpha_ce", alpha_ce}, {"alpha_mlm", alpha_mlm}, {"alpha_cos", alpha_cos}, {"alpha_mse", alpha_mse}};
   for (const auto& [name, value] : alphas) {
     TORCH_CHECK(std::isfinite(value) && value >= 0, "triple_loss: ", name, " must be >= 0 and finite, got ", value);
   }
 }
 
-// P (kernels/gradient_scale.py): 2^k with P * (kl_coef + ce_coef) in (2^14, 2^15], 1 when no row has a gradient.
-double fp16_logits_grad_scale(double kl_coef, double ce_coef) {
-  const double bound = kl_coef + ce_coef;
+// max |s - t| over all rows is at most this (kernels/gradient_scale.py's max_logit_gap): one min/max reduction
+// of each tensor.
+double max_logit_gap(const at::Tensor& s, const at::Tensor& t) {
+  if (s.numel() == 0) return 0.0;
+  const auto [s_min, s_max] = at::aminmax(s);
+  const auto [t_min, t_max] = at::aminmax(t);
+  return std::max(s_max.item<double>() - t_min.item<double>(), t_max.item<double>() - s_min.item<double>());
+}
+
+// P (kernels/gradient_scale.py): 2^k with P * bound in (2^14, 2^15], 1 when no row has a gradient. bound:
+// kl_coef + ce_coef + mse_coef * max |s - t|, what no entry of the gradient exceeds.
+double fp16_logits_grad_scale(double bound) {
   if (!(bound > 0)) return 1.0;
   const double exponent = std::floor(std::log2(32768.0 / bound));
   return std::ldexp(1.0, static_cast<int>(std::clamp(exponent, -126.0, 126.0)));
@@ -135,9 +151,11 @@ at::Tensor scalar_tensor(double v, bool float64) {
 
 namespace {
 
+using Terms = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
 // The loss terms of one call, and the factor its logits gradient was written with.
 struct Result {
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> terms;
+  Terms terms;
   double logits_grad_scale;
 };
 
@@ -146,10 +164,10 @@ struct Result {
 Result run(const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& labels,
            const at::Tensor& student_hidden, const at::Tensor& teacher_hidden, const at::Tensor& attention_mask,
            double temperature, double alpha_ce, double alpha_mlm, double alpha_cos, bool restrict_ce_to_mask,
-           at::Tensor& grad_student_logits, at::Tensor& grad_student_hidden,
+           double alpha_mse, at::Tensor& grad_student_logits, at::Tensor& grad_student_hidden,
            std::optional<double> logits_grad_scale) {
   check_inputs(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask, temperature,
-               alpha_ce, alpha_mlm, alpha_cos);
+               alpha_ce, alpha_mlm, alpha_cos, alpha_mse);
   TORCH_CHECK(grad_student_logits.sizes() == student_logits.sizes() &&
                   grad_student_logits.scalar_type() == student_logits.scalar_type() &&
                   grad_student_logits.is_contiguous() && grad_student_logits.device() == student_logits.device(),
@@ -191,13 +209,18 @@ Result run(const at::Tensor& student_logits, const at::Tensor& teacher_logits, c
     n_real += real_p[r];
   }
 
-  std::vector<double> kl_rows(N, 0.0), ce_rows(N, 0.0), cos_rows(N, 0.0);
-  // Weights of the gradient terms: d loss / d s = kl_coef * (q - p) + ce_coef * (softmax(s) - onehot).
+  std::vector<double> kl_rows(N, 0.0), ce_rows(N, 0.0), cos_rows(N, 0.0), mse_rows(N, 0.0);
+  // Weights of the gradient terms: d loss / d s = kl_coef * (q - p) + ce_coef * (softmax(s) - onehot) +
+  // mse_coef * (s - t).
   const double kl_coef = n_selected ? alpha_ce * temperature / n_selected : 0.0;
   const double ce_coef = n_labelled ? alpha_mlm / n_labelled : 0.0;
   const double cos_coef = n_real ? alpha_cos / n_real : 0.0;
-  const double grad_scale = logits_grad_scale.value_or(
-      s.scalar_type() == at::kHalf ? fp16_logits_grad_scale(kl_coef, ce_coef) : 1.0);
+  const double mse_coef = n_selected ? 2.0 * alpha_mse / n_selected : 0.0;
+  const auto fp16_scale = [&] {
+    return fp16_logits_grad_scale(kl_coef + ce_coef + (mse_coef > 0 ? mse_coef * max_logit_gap(s, t) : 0.0));
+  };
+  const double grad_scale = logits_grad_scale ? *logits_grad_scale
+                                              : (s.scalar_type() == at::kHalf ? fp16_scale() : 1.0);
   const RowsArgs args{s.data_ptr(), t.data_ptr(), lab_p, hs.data_ptr(), ht.data_ptr(),
                       grad_student_logits.data_ptr(), grad_student_hidden.data_ptr(), selected.data(), real_p,
                       V, D,
@@ -205,12 +228,14 @@ Result run(const at::Tensor& student_logits, const at::Tensor& teacher_logits, c
                       grad_student_hidden.scalar_type(),
                       static_cast<float>(1.0 / temperature), static_cast<float>(kl_coef * grad_scale),
                       static_cast<float>(ce_coef * grad_scale), static_cast<float>(cos_coef),
+                      static_cast<float>(mse_coef * grad_scale),
                       temperature == 1.0 ? 1 : (temperature == 2.0 ? 2 : 0),
-                      kl_rows.data(), ce_rows.data(), cos_rows.data()};
+                      kl_rows.data(), ce_rows.data(), cos_rows.data(), mse_rows.data()};
 
   if (s.scalar_type() == at::kDouble) {
     float64_rows(s, t, lab, hs, ht, selected, real, temperature, kl_coef * grad_scale, ce_coef * grad_scale, cos_coef,
-                 grad_student_logits, grad_student_hidden, kl_rows.data(), ce_rows.data(), cos_rows.data());
+                 mse_coef * grad_scale, grad_student_logits, grad_student_hidden, kl_rows.data(), ce_rows.data(),
+                 cos_rows.data(), mse_rows.data());
   } else {
     const RowsFn rows = rows_for(cpu_isa());
     // A row is ~30k elements: a grain of 4 rows keeps both cores busy down to small N.
@@ -220,19 +245,21 @@ Result run(const at::Tensor& student_logits, const at::Tensor& teacher_logits, c
     });
   }
 
-  double kl = 0.0, ce = 0.0, cos = 0.0;
+  double kl = 0.0, ce = 0.0, cos = 0.0, sq = 0.0;
   for (int64_t r = 0; r < N; ++r) {
     kl += kl_rows[r];
     ce += ce_rows[r];
     cos += cos_rows[r];
+    sq += mse_rows[r];
   }
   const double loss_ce = n_selected ? kl * temperature * temperature / n_selected : 0.0;
   const double loss_mlm = n_labelled ? ce / n_labelled : 0.0;
   const double loss_cos = n_real ? cos / n_real : 0.0;
-  const double loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos;
+  const double loss_mse = n_selected ? sq / n_selected : 0.0;
+  const double loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos + alpha_mse * loss_mse;
   const bool float64 = s.scalar_type() == at::kDouble;
   return {{scalar_tensor(loss, float64), scalar_tensor(loss_ce, float64), scalar_tensor(loss_mlm, float64),
-           scalar_tensor(loss_cos, float64)},
+           scalar_tensor(loss_cos, float64), scalar_tensor(loss_mse, float64)},
           grad_scale};
 }
 
@@ -242,28 +269,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> triple_loss_out_cpu(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& labels,
     const at::Tensor& student_hidden, const at::Tensor& teacher_hidden, const at::Tensor& attention_mask,
     double temperature, double alpha_ce, double alpha_mlm, double alpha_cos, bool restrict_ce_to_mask,
-    at::Tensor& grad_student_logits, at::Tensor& grad_student_hidden, double logits_grad_scale) {
-  return run(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask, temperature,
-             alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, grad_student_logits, grad_student_hidden,
-             logits_grad_scale)
-      .terms;
+    double alpha_mse, at::Tensor& grad_student_logits, at::Tensor& grad_student_hidden, double logits_grad_scale) {
+  // The public op's four outputs: loss_mse is in loss, and out of the schema that callers unpack.
+  auto [loss, loss_ce, loss_mlm, loss_cos, loss_mse] =
+      run(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask, temperature,
+          alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, alpha_mse, grad_student_logits, grad_student_hidden,
+          logits_grad_scale)
+          .terms;
+  return {loss, loss_ce, loss_mlm, loss_cos};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 triple_loss_forward_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& labels,
                         const at::Tensor& student_hidden, const at::Tensor& teacher_hidden,
                         const at::Tensor& attention_mask, double temperature, double alpha_ce, double alpha_mlm,
-                        double alpha_cos, bool restrict_ce_to_mask) {
+                        double alpha_cos, bool restrict_ce_to_mask, double alpha_mse) {
   // Every element of both gradients is written by the kernel, so no zero fill.
   auto grad_logits = gradient_buffer(student_logits.sizes(), student_logits.options());
   const auto hidden_grad_dtype = student_hidden.scalar_type() == at::kHalf ? at::kFloat : student_hidden.scalar_type();
   auto grad_hidden = at::empty(student_hidden.sizes(), student_hidden.options().dtype(hidden_grad_dtype)
                                                             .memory_format(at::MemoryFormat::Contiguous));
   auto result = run(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
-                    temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, grad_logits, grad_hidden,
-                    std::nullopt);
-  auto [loss, loss_ce, loss_mlm, loss_cos] = result.terms;
-  return {loss, loss_ce, loss_mlm, loss_cos, grad_logits, grad_hidden,
+                    temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, alpha_mse, grad_logits,
+                    grad_hidden, std::nullopt);
+  auto [loss, loss_ce, loss_mlm, loss_cos, loss_mse] = result.terms;
+  return {loss, loss_ce, loss_mlm, loss_cos, loss_mse, grad_logits, grad_hidden,
           scalar_tensor(result.logits_grad_scale, student_logits.scalar_type() == at::kDouble)};
 }
 

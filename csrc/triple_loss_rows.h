@@ -5,12 +5,13 @@
 //
 // One student/teacher row pair is handled in three sweeps; the row (2 x 122 KB in fp32) stays in L2 after the
 // first, so DRAM sees each logit once and each gradient element once:
-//   A. the maxima of s and t (no exp);
+//   A. the maxima of s and t (no exp), and sum (s - t)^2 of the MSE term, free in a sweep that waits for DRAM;
 //   B. es = exp((s - max_s)/T) and et = exp((t - max_t)/T) into fp32 scratch, and their sums; exp(s - max_s)
 //      for the MLM normalizer is es^T when T is a small integer (the default T = 2), so there are two exps per
 //      element in all;
 //   C. q = es/Zs, p = et/Zt, softmax(s) from es, the gradient written in the student's dtype, and
-//      KL = sum p*(log p - log q) accumulated from the centred logits so large logits do not cancel.
+//      KL = sum p*(log p - log q) accumulated from the centred logits so large logits do not cancel. With
+//      alpha_mse > 0, s and t are read again (from L2) for the MSE gradient's 2 * (s - t) term.
 
 // The includer defines FASTDISTIL_VECTOR_BYTES to the ISA's native register width (64, 32 or 16): GCC lowers
 // vector comparisons wider than the hardware to scalar code, so the vectors must match the registers.
@@ -152,18 +153,20 @@ FASTDISTIL_INLINE vf softmax1_numerator(vf es, vf s_centred) {
 }
 
 struct RowResult {
-  double kl = 0.0;  // KL(p_t || q_s) of this row, at temperature T, not yet scaled by T^2
-  double ce = 0.0;  // -log softmax(s)[label]
+  double kl = 0.0;   // KL(p_t || q_s) of this row, at temperature T, not yet scaled by T^2
+  double ce = 0.0;   // -log softmax(s)[label]
+  double mse = 0.0;  // sum (s - t)^2 over the row, of the raw logits
 };
 
-// One logit row. `kl_coef` = alpha_ce * T / n_selected and `ce_coef` = alpha_mlm / n_labelled are the weights of
-// the two gradient terms (zero when the row is not selected / not labelled). scratch holds 2 * V floats.
-// s_next/t_next (the next row of this thread, or null) are prefetched during sweep B, which is compute bound,
-// so the next row's sweep A does not wait for DRAM.
-template <int TPow, typename S, typename T>
+// One logit row. `kl_coef` = alpha_ce * T / n_selected, `ce_coef` = alpha_mlm / n_labelled and `mse_coef` =
+// alpha_mse * 2 / n_selected are the weights of the gradient terms (zero when the row is not selected / not
+// labelled). MseGrad compiles the MSE gradient in: without it, alpha_mse = 0 costs nothing in sweep C.
+// scratch holds 2 * V floats. s_next/t_next (the next row of this thread, or null) are prefetched during
+// sweep B, which is compute bound, so the next row's sweep A does not wait for DRAM.
+template <int TPow, bool MseGrad, typename S, typename T>
 static RowResult logits_row(const S* s, const T* t, S* grad, int64_t V, int64_t label, bool selected,
-                            bool labelled, float inv_temp, float kl_coef, float ce_coef, float* scratch,
-                            const S* s_next, const T* t_next) {
+                            bool labelled, float inv_temp, float kl_coef, float ce_coef, float mse_coef,
+                            float* scratch, const S* s_next, const T* t_next) {
   const int64_t full = V / kLanes * kLanes;
   const int64_t rest = V - full;
   // Tail lanes past V: the lowest float, not -inf, so that exp gives 0 and t - s gives 0 rather than NaN.
@@ -171,16 +174,18 @@ static RowResult logits_row(const S* s, const T* t, S* grad, int64_t V, int64_t 
   float* es_buf = scratch;
   float* et_buf = scratch + V;
 
-  // A. maxima
-  vf ms_v = splat(pad), mt_v = splat(pad);
-  for (int64_t i = 0; i < full; i += kLanes) {
-    ms_v = vmax(ms_v, vload(s + i));
-    if (selected) mt_v = vmax(mt_v, vload(t + i));
-  }
-  if (rest) {
-    ms_v = vmax(ms_v, load_tail(s + full, rest, pad));
-    if (selected) mt_v = vmax(mt_v, load_tail(t + full, rest, pad));
-  }
+  // A. maxima, and the squared differences (the tail's padded lanes differ by 0)
+  vf ms_v = splat(pad), mt_v = splat(pad), sq_v = splat(0.f);
+  auto maxima = [&](vf sv, vf tv) __attribute__((always_inline)) {
+    ms_v = vmax(ms_v, sv);
+    if (selected) {
+      mt_v = vmax(mt_v, tv);
+      const vf d = sv - tv;
+      sq_v += d * d;
+    }
+  };
+  for (int64_t i = 0; i < full; i += kLanes) maxima(vload(s + i), selected ? vload(t + i) : vf{});
+  if (rest) maxima(load_tail(s + full, rest, pad), selected ? load_tail(t + full, rest, pad) : vf{});
   const float ms = hmax(ms_v), mt = hmax(mt_v);
 
   // B. es = exp((s - ms)/T) = 2^((s - ms) * c) and et likewise, their sums, and the unnormalized KL sum
@@ -222,33 +227,46 @@ static RowResult logits_row(const S* s, const T* t, S* grad, int64_t V, int64_t 
   }
   const double zs = hsum(zs_v), zt = selected ? hsum(zt_v) : 1.0, z1 = labelled ? hsum(z1_v) : 1.0;
 
-  // C. the gradient, from the exponentials alone: kl_coef * (es/Zs - et/Zt) + ce_coef * softmax(s).
+  // C. the gradient, from the exponentials (and, for the MSE term, the logits): kl_coef * (es/Zs - et/Zt) +
+  // ce_coef * softmax(s) + mse_coef * (s - t).
   const vf q_coef = splat(static_cast<float>(kl_coef / zs)), p_coef = splat(static_cast<float>(kl_coef / zt));
   const vf sm_coef = splat(static_cast<float>(ce_coef / z1));
-  // sv is read only by the general-temperature path, whose softmax(s) needs an exp of its own.
-  auto gradient = [&](vf es, vf et, vf sv) __attribute__((always_inline)) {
+  const vf d_coef = splat(mse_coef);
+  // sv is read by the general-temperature path, whose softmax(s) needs an exp of its own, and with tv by the
+  // MSE gradient.
+  auto gradient = [&](vf es, vf et, vf sv, vf tv) __attribute__((always_inline)) {
     vf g = splat(0.f);
-    if (selected) g = es * q_coef - et * p_coef;
+    if (selected) {
+      g = es * q_coef - et * p_coef;
+      if constexpr (MseGrad) g += (sv - tv) * d_coef;
+    }
     if (labelled) g += softmax1_numerator<TPow>(es, sv - ms) * sm_coef;
     return g;
   };
-  constexpr bool reads_s = TPow == 0;
+  const bool reads_s = (TPow == 0 && labelled) || (MseGrad && selected);
+  const bool reads_t = MseGrad && selected;
   for (int64_t i = 0; i < full; i += kLanes) {
-    vf sv = reads_s && labelled ? vload(s + i) : vf{};
-    vstore(grad + i, gradient(vload(es_buf + i), selected ? vload(et_buf + i) : vf{}, sv));
+    vf sv = reads_s ? vload(s + i) : vf{};
+    vf tv = reads_t ? vload(t + i) : vf{};
+    vstore(grad + i, gradient(vload(es_buf + i), selected ? vload(et_buf + i) : vf{}, sv, tv));
   }
   if (rest) {
-    vf sv = reads_s && labelled ? load_tail(s + full, rest, pad) : vf{};
-    store_tail(grad + full, rest, gradient(vload(es_tail), selected ? vload(et_tail) : vf{}, sv));
+    vf sv = reads_s ? load_tail(s + full, rest, pad) : vf{};
+    vf tv = reads_t ? load_tail(t + full, rest, pad) : vf{};
+    store_tail(grad + full, rest, gradient(vload(es_tail), selected ? vload(et_tail) : vf{}, sv, tv));
   }
 
   RowResult out;
-  if (selected) out.kl = hsum(kl_v) * inv_temp / zt - std::log(zt) + std::log(zs);
+  if (selected) {
+    out.kl = hsum(kl_v) * inv_temp / zt - std::log(zt) + std::log(zs);
+    out.mse = hsum(sq_v);
+  }
   if (labelled) {
     const float s_label = static_cast<float>(s[label]);
+    const float t_label = reads_t ? static_cast<float>(t[label]) : 0.f;
     out.ce = std::log(z1) - static_cast<double>(s_label - ms);
     // The one-hot term of the cross-entropy gradient, applied to the fp32 value before the single rounding.
-    vf g = gradient(splat(es_buf[label]), splat(selected ? et_buf[label] : 0.f), splat(s_label));
+    vf g = gradient(splat(es_buf[label]), splat(selected ? et_buf[label] : 0.f), splat(s_label), splat(t_label));
     grad[label] = static_cast<S>(g[0] - ce_coef);
   }
   return out;
@@ -290,7 +308,7 @@ static double cosine_row(const S* hs, const T* ht, G* grad, int64_t D, float cos
 }
 
 // The rows [begin, end) of a call: dtype and temperature dispatch of the row kernels above.
-template <int TPow, typename S, typename T>
+template <int TPow, bool MseGrad, typename S, typename T>
 static void logits_rows(const RowsArgs& a, int64_t begin, int64_t end, float* scratch) {
   const S* s = static_cast<const S*>(a.student_logits);
   const T* t = static_cast<const T*>(a.teacher_logits);
@@ -305,11 +323,13 @@ static void logits_rows(const RowsArgs& a, int64_t begin, int64_t end, float* sc
       continue;
     }
     const bool last = r + 1 == end;
-    RowResult res = logits_row<TPow>(s + off, t + off, g + off, a.V, label, selected, labelled, a.inv_temp,
-                                     selected ? a.kl_coef : 0.f, labelled ? a.ce_coef : 0.f, scratch,
-                                     last ? nullptr : s + off + a.V, last ? nullptr : t + off + a.V);
+    RowResult res = logits_row<TPow, MseGrad>(s + off, t + off, g + off, a.V, label, selected, labelled,
+                                              a.inv_temp, selected ? a.kl_coef : 0.f, labelled ? a.ce_coef : 0.f,
+                                              a.mse_coef, scratch, last ? nullptr : s + off + a.V,
+                                              last ? nullptr : t + off + a.V);
     a.kl_rows[r] = res.kl;
     a.ce_rows[r] = res.ce;
+    a.mse_rows[r] = res.mse;
   }
 }
 
@@ -328,18 +348,23 @@ static void hidden_rows(const RowsArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-template <typename S, typename T>
+template <bool MseGrad, typename S, typename T>
 static void logits_rows_at_temperature(const RowsArgs& a, int64_t begin, int64_t end, float* scratch) {
-  if (a.temp_pow == 1) return logits_rows<1, S, T>(a, begin, end, scratch);
-  if (a.temp_pow == 2) return logits_rows<2, S, T>(a, begin, end, scratch);
-  logits_rows<0, S, T>(a, begin, end, scratch);
+  if (a.temp_pow == 1) return logits_rows<1, MseGrad, S, T>(a, begin, end, scratch);
+  if (a.temp_pow == 2) return logits_rows<2, MseGrad, S, T>(a, begin, end, scratch);
+  logits_rows<0, MseGrad, S, T>(a, begin, end, scratch);
 }
 
 void rows(const RowsArgs& a, int64_t begin, int64_t end, float* scratch) {
   FASTDISTIL_DISPATCH_FLOAT_TYPES(a.logits_dtype, "triple_loss_student", [&] {
     using S = scalar_t;
-    FASTDISTIL_DISPATCH_FLOAT_TYPES(a.teacher_dtype, "triple_loss_teacher",
-                                    [&] { logits_rows_at_temperature<S, scalar_t>(a, begin, end, scratch); });
+    FASTDISTIL_DISPATCH_FLOAT_TYPES(a.teacher_dtype, "triple_loss_teacher", [&] {
+      if (a.mse_coef != 0.f) {
+        logits_rows_at_temperature<true, S, scalar_t>(a, begin, end, scratch);
+      } else {
+        logits_rows_at_temperature<false, S, scalar_t>(a, begin, end, scratch);
+      }
+    });
   });
   FASTDISTIL_DISPATCH_FLOAT_TYPES(a.hidden_dtype, "triple_loss_student_hidden", [&] {
     using S = scalar_t;

@@ -1,18 +1,30 @@
-"""Triton implementation of fastdistil::_attention_forward / _attention_backward: bidirectional attention for the
-student with a key padding mask and attention dropout, FlashAttention-2 style.
+"""Triton implementation of fastdistil::_attention_forward / _attention_backward: attention for the student,
+bidirectional (DistilBERT, RoBERTa) or causal (GPT-2), with a key padding mask and attention dropout,
+FlashAttention-2 style.
 
 Forward: one program per (batch x head, query block); it keeps its query tile and streams the key/value blocks
 with an online softmax (running max and sum, base 2), so no [L, L] matrix exists, and stores the row's
 logsumexp. Backward: a preprocess kernel computes delta = rowsum(dO * O); then one program per (batch x head,
 block) recomputes the probabilities from the saved logsumexp, first accumulating dK and dV of its key block over
 every query block, then dQ of its query block over every key block, so no two programs write the same memory
-and no atomics are needed. Unlike the Triton tutorial's backward, nothing assumes causality or L a multiple of
-the block: keys that are padding or past L are masked in every tile.
+and no atomics are needed. Unlike the Triton tutorial's backward, nothing assumes L a multiple of the block:
+keys that are padding or past L are masked in every tile.
+
+Causal (IS_CAUSAL): query i attends to the keys j <= i. The loops' bounds skip every tile entirely above the
+diagonal, so a causal launch does about half the work: the forward of query block m and the dQ loop of block m
+end with the key block that holds the block's last query; the dK/dV loop of key block n starts with the query
+block that holds the block's first key. Each tile visited is masked by j <= i, which only the tiles the diagonal
+crosses fail anywhere. Testing it in every tile keeps one loop per phase: splitting a loop into below-diagonal
+and diagonal parts would add a loop whose prefetch buffers the compiler need not share with the first one's (for
+sm100 it does not), which the shared-memory estimates below would have to count twice; the test is two integer
+operations per score, beside the exp2 and the two dots. The estimates and the compiled sizes are the same for
+both variants.
 
 Dropout keeps a probability with chance 1 - p, decided by Philox (tl.rand) keyed by a seed read from the
 device and countered by the element's index in [B, H, L, L]: the backward regenerates exactly the forward's
-mask, which is never stored. A query row without a real key (a sequence that is all padding) gets output 0,
-logsumexp +inf (so that exp(s - lse) = 0 in the backward) and zero gradients.
+mask, which is never stored, and a causal launch drops what a bidirectional one would. A query row without a
+real key (a sequence that is all padding) gets output 0, logsumexp +inf (so that exp(s - lse) = 0 in the
+backward) and zero gradients; so does a causal query row whose keys up to itself are all padding (left padding).
 
 Products are accumulated in fp32; the probabilities and dS are rounded to the input dtype before their
 matmuls, as FlashAttention does, so that fp16/bf16 tiles run on tensor cores.
@@ -38,13 +50,34 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _scores(q, k, offs_n, mask_row, L, qk_scale, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
-    # [BLOCK_M, BLOCK_N] scores in base 2 (times log2 e), -inf where the key is padding or past L
+def _scores(q, k, offs_m, offs_n, mask_row, L, qk_scale, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+            PRECISION: tl.constexpr):
+    # [BLOCK_M, BLOCK_N] scores in base 2 (times log2 e), -inf where the key is padding, past L or (causal) after
+    # the query
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     valid = offs_n < L
     if HAS_MASK:
         valid &= tl.load(mask_row + offs_n, mask=offs_n < L, other=0) != 0
+    if IS_CAUSAL:
+        return tl.where(valid[None, :] & (offs_n[None, :] <= offs_m[:, None]), s, float("-inf"))
     return tl.where(valid[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _causal_key_end(start_m, L, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    # One past the last key that the queries [start_m, start_m + BLOCK_M) attend to: causal, one past the block's
+    # last query, so that a loop over the key blocks up to it skips the tiles above the diagonal; else L.
+    if IS_CAUSAL:
+        return tl.minimum(start_m + BLOCK_M, L)
+    return L
+
+
+@triton.jit
+def _causal_query_start(start_n, IS_CAUSAL: tl.constexpr):
+    # The first query that attends to one of the keys [start_n, ...): causal, the block's first key; else 0.
+    if IS_CAUSAL:
+        return start_n
+    return 0
 
 
 @triton.jit
@@ -83,6 +116,7 @@ def _attention_forward_kernel(
     qk_scale,  # scale * log2(e)
     dropout_p,
     HAS_MASK: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,  # query i attends to keys j <= i
     DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -92,7 +126,8 @@ def _attention_forward_kernel(
     bh = tl.program_id(0).to(tl.int64)  # b * stride_b overflows int32 once a tensor passes 2^31 elements
     b = bh // H
     h = bh % H
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = tl.program_id(1) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     k_head = k_ptr + b * stride_kb + h * stride_kh
     v_head = v_ptr + b * stride_vb + h * stride_vh
@@ -103,11 +138,11 @@ def _attention_forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start_n in range(0, L, BLOCK_N):
+    for start_n in range(0, _causal_key_end(start_m, L, BLOCK_M, IS_CAUSAL), BLOCK_N):
         offs_n = start_n + offs_n0
         k = _load_rows(k_head, offs_n, stride_kl, L, HEAD_DIM)
         v = _load_rows(v_head, offs_n, stride_vl, L, HEAD_DIM)
-        s = _scores(q, k, offs_n, mask_row, L, qk_scale, HAS_MASK, PRECISION)
+        s = _scores(q, k, offs_m, offs_n, mask_row, L, qk_scale, HAS_MASK, IS_CAUSAL, PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # While a row has seen only masked keys its max is -inf, and s - max would be -inf - -inf = NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -148,10 +183,12 @@ def _attention_delta_kernel(
 
 @triton.jit
 def _tile_gradients(q, k, v, do, lse2, delta, offs_m, offs_n, bh, mask_row, seed, L, qk_scale, dropout_p,
-                    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+                    HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+                    PRECISION: tl.constexpr):
     # The [BLOCK_M, BLOCK_N] tile's dropped-out probabilities P~ (dV = P~^T dO) and dS = P * (dP~ - delta),
     # with dP~ = dO V^T times the dropout scale; dQ = scale * dS K and dK = scale * dS^T Q.
-    p = tl.exp2(_scores(q, k, offs_n, mask_row, L, qk_scale, HAS_MASK, PRECISION) - lse2[:, None])
+    p = tl.exp2(_scores(q, k, offs_m, offs_n, mask_row, L, qk_scale, HAS_MASK, IS_CAUSAL, PRECISION)
+                - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if DROPOUT:
         z = _dropout_scale(seed, bh, offs_m, offs_n, L, dropout_p)
@@ -180,6 +217,7 @@ def _attention_backward_kernel(
     scale,
     dropout_p,
     HAS_MASK: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,  # query i attends to keys j <= i
     DROPOUT: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK: tl.constexpr,  # both the key block of dK/dV and the query block of dQ: one grid serves both
@@ -196,39 +234,41 @@ def _attention_backward_kernel(
     mask_row = mask_ptr + b * L
     seed = tl.load(seed_ptr) if DROPOUT else 0
     qk_scale = scale * _LOG2E
-    block = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    start = tl.program_id(1) * BLOCK
+    block = start + tl.arange(0, BLOCK)
     offs0 = tl.arange(0, BLOCK)
 
-    # dK and dV of the keys in `block`, over every query block. Past-the-end queries load lse = +inf, so P = 0.
+    # dK and dV of the keys in `block`, over every query block that attends to them (causal: from the diagonal
+    # on). Past-the-end queries load lse = +inf, so P = 0.
     k = _load_rows(k_head, block, stride_kl, L, HEAD_DIM)
     v = _load_rows(v_head, block, stride_vl, L, HEAD_DIM)
     dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-    for start_m in range(0, L, BLOCK):
+    for start_m in range(_causal_query_start(start, IS_CAUSAL), L, BLOCK):
         offs_m = start_m + offs0
         q = _load_rows(q_head, offs_m, stride_ql, L, HEAD_DIM)
         do = _load_rows(do_head, offs_m, stride_dl, L, HEAD_DIM)
         lse2 = tl.load(lse_ptr + bh * L + offs_m, mask=offs_m < L, other=float("inf")) * _LOG2E
         delta = tl.load(delta_ptr + bh * L + offs_m, mask=offs_m < L, other=0.0)
         p_dropped, ds = _tile_gradients(q, k, v, do, lse2, delta, offs_m, block, bh, mask_row, seed, L, qk_scale,
-                                        dropout_p, HAS_MASK, DROPOUT, PRECISION)
+                                        dropout_p, HAS_MASK, IS_CAUSAL, DROPOUT, PRECISION)
         dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     _store_rows(dk_ptr + g_head, block, stride_gl, L, dk * scale, HEAD_DIM)
     _store_rows(dv_ptr + g_head, block, stride_gl, L, dv, HEAD_DIM)
 
-    # dQ of the queries in `block`, over every key block.
+    # dQ of the queries in `block`, over every key block they attend to (causal: up to the diagonal).
     q = _load_rows(q_head, block, stride_ql, L, HEAD_DIM)
     do = _load_rows(do_head, block, stride_dl, L, HEAD_DIM)
     lse2 = tl.load(lse_ptr + bh * L + block, mask=block < L, other=float("inf")) * _LOG2E
     delta = tl.load(delta_ptr + bh * L + block, mask=block < L, other=0.0)
     dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-    for start_n in range(0, L, BLOCK):
+    for start_n in range(0, _causal_key_end(start, L, BLOCK, IS_CAUSAL), BLOCK):
         offs_n = start_n + offs0
         k = _load_rows(k_head, offs_n, stride_kl, L, HEAD_DIM)
         v = _load_rows(v_head, offs_n, stride_vl, L, HEAD_DIM)
         _, ds = _tile_gradients(q, k, v, do, lse2, delta, block, offs_n, bh, mask_row, seed, L, qk_scale,
-                                dropout_p, HAS_MASK, DROPOUT, PRECISION)
+                                dropout_p, HAS_MASK, IS_CAUSAL, DROPOUT, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     _store_rows(dq_ptr + g_head, block, stride_gl, L, dq * scale, HEAD_DIM)
 
@@ -373,7 +413,8 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def attention_forward(q, k, v, key_padding_mask, dropout_p: float, scale: float, seed: torch.Tensor):
+def attention_forward(q, k, v, key_padding_mask, is_causal: bool, dropout_p: float, scale: float,
+                      seed: torch.Tensor):
     """fastdistil::_attention_forward on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); the inputs are
     checked by fastdistil.attention.check_inputs.
 
@@ -389,14 +430,15 @@ def attention_forward(q, k, v, key_padding_mask, dropout_p: float, scale: float,
             q, k, v, _padding_flags(key_padding_mask, q), seed, out, lse,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             heads, length, scale * _LOG2E.value, dropout_p,
-            HAS_MASK=key_padding_mask is not None, DROPOUT=dropout_p > 0, HEAD_DIM=dim,
+            HAS_MASK=key_padding_mask is not None, IS_CAUSAL=is_causal, DROPOUT=dropout_p > 0, HEAD_DIM=dim,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, PRECISION=_precision(q.dtype), num_warps=_NUM_WARPS,
             num_stages=config.num_stages,
         )
     return out, lse
 
 
-def attention_backward(grad_out, q, k, v, key_padding_mask, seed, out, lse, dropout_p: float, scale: float):
+def attention_backward(grad_out, q, k, v, key_padding_mask, is_causal: bool, seed, out, lse, dropout_p: float,
+                       scale: float):
     """fastdistil::_attention_backward on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1): (dq, dk, dv)
     in the input dtype, for the forward that returned out and lse with the same seed."""
     q, k, v, out, grad_out = (_rows_contiguous(x) for x in (q, k, v, out, grad_out))
@@ -414,8 +456,8 @@ def attention_backward(grad_out, q, k, v, key_padding_mask, seed, out, lse, drop
             q, k, v, grad_out, _padding_flags(key_padding_mask, q), seed, lse, delta, dq, dk, dv,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq.stride()[:3],
             heads, length, scale, dropout_p,
-            HAS_MASK=key_padding_mask is not None, DROPOUT=dropout_p > 0, HEAD_DIM=dim, BLOCK=config.block,
-            PRECISION=_precision(q.dtype), num_warps=_NUM_WARPS, num_stages=config.num_stages,
+            HAS_MASK=key_padding_mask is not None, IS_CAUSAL=is_causal, DROPOUT=dropout_p > 0, HEAD_DIM=dim,
+            BLOCK=config.block, PRECISION=_precision(q.dtype), num_warps=_NUM_WARPS, num_stages=config.num_stages,
         )
     return dq, dk, dv
 
@@ -425,10 +467,11 @@ def attention_backward(grad_out, q, k, v, key_padding_mask, seed, out, lse, drop
 
 
 def compiled_shared_memory(kernel: str, dtype: torch.dtype, capability: tuple[int, int], head_dim: int,
-                           config: ForwardConfig | BackwardConfig) -> int:
+                           config: ForwardConfig | BackwardConfig, is_causal: bool = False) -> int:
     """Bytes of shared memory Triton allocates for kernel ("forward", "delta" or "backward") on dtype inputs at
-    head dim head_dim, with config, when compiled for a CUDA GPU of this compute capability. Needs no GPU (Triton
-    ships ptxas) but does need Triton's compiler mode: call it in a process without TRITON_INTERPRET=1.
+    head dim head_dim, with config, when compiled for a CUDA GPU of this compute capability, bidirectional or
+    causal. Needs no GPU (Triton ships ptxas) but does need Triton's compiler mode: call it in a process without
+    TRITON_INTERPRET=1.
 
     The kernel is compiled with a mask and dropout, and with every pointer and integer argument divisible by 16:
     the variant with the most shared memory. A launch specializes that way whenever strides and pointers allow
@@ -441,14 +484,15 @@ def compiled_shared_memory(kernel: str, dtype: torch.dtype, capability: tuple[in
     precision = _precision(dtype)
     if kernel == "forward":
         fn = _attention_forward_kernel
-        constexprs = dict(HAS_MASK=True, DROPOUT=True, HEAD_DIM=head_dim, BLOCK_M=config.block_m,
-                          BLOCK_N=config.block_n, PRECISION=precision)
+        constexprs = dict(HAS_MASK=True, IS_CAUSAL=is_causal, DROPOUT=True, HEAD_DIM=head_dim,
+                          BLOCK_M=config.block_m, BLOCK_N=config.block_n, PRECISION=precision)
     elif kernel == "delta":
         fn = _attention_delta_kernel
         constexprs = dict(HEAD_DIM=head_dim, BLOCK_M=config.block)
     elif kernel == "backward":
         fn = _attention_backward_kernel
-        constexprs = dict(HAS_MASK=True, DROPOUT=True, HEAD_DIM=head_dim, BLOCK=config.block, PRECISION=precision)
+        constexprs = dict(HAS_MASK=True, IS_CAUSAL=is_causal, DROPOUT=True, HEAD_DIM=head_dim, BLOCK=config.block,
+                          PRECISION=precision)
     else:
         raise ValueError(f"compiled_shared_memory: kernel must be 'forward', 'delta' or 'backward', got {kernel!r}")
     element = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]

@@ -1,14 +1,15 @@
 """Triton implementation of fastdistil::_triple_loss_forward, the CUDA kernel of the fused triple loss.
 
-Same contract as the C++ CPU kernel (csrc/triple_loss_cpu.cpp): the four loss terms and the gradient of the
-weighted loss with respect to the student logits and hidden states, computed in one forward.
+Same contract as the C++ CPU kernel (csrc/triple_loss_cpu.cpp): the five loss terms (the weighted loss, the KL,
+MLM, cosine and logit-MSE terms) and the gradient of the weighted loss with respect to the student logits and
+hidden states, computed in one forward.
 
 One program per logit row. The first sweep keeps online-softmax statistics (running max and sum) of s/T, s and
-t/T; the second sweep rereads the row (from L2 on A100/H100) and writes the gradient once, in the student's
-dtype, and the KL of the row. A second small kernel does the cosine term on the [N, D] hidden states. Each row
-writes its loss partials to an [N] buffer and torch sums them, so the result is deterministic, and the
-normalizers (numbers of selected, labelled and real rows) are counted by torch on the device and read by the
-kernels, so nothing waits for the host. Computation is in fp32, in fp64 for fp64 inputs (gradient checks).
+t/T, and sums (s - t)^2; the second sweep rereads the row (from L2 on A100/H100) and writes the gradient once,
+in the student's dtype, and the KL of the row. A second small kernel does the cosine term on the [N, D] hidden
+states. Each row writes its loss partials to an [N] buffer and torch sums them, so the result is deterministic,
+and the normalizers (numbers of selected, labelled and real rows) are counted by torch on the device and read by
+the kernels, so nothing waits for the host. Computation is in fp32, in fp64 for fp64 inputs (gradient checks).
 
 torch.compile: torch.library.triton_op cannot serve here, because it defines its op and the schema is already
 defined in C++ (csrc/ops.cpp); a second definition is refused. fastdistil/ops/triple_loss.py therefore does by
@@ -57,12 +58,15 @@ def _triple_loss_logits_kernel(
     grad_ptr,  # [N, V] out: P * d loss / d student logits, student dtype
     kl_rows_ptr,  # [N] ACC out: KL(softmax(t/T) || softmax(s/T)) of the row, not yet scaled by T^2
     ce_rows_ptr,  # [N] ACC out: -log softmax(s)[label]
+    mse_rows_ptr,  # [N] ACC out: sum (s - t)^2 over the row
     V,
     inv_temp: tl.float64,  # 1 / T
     kl_weight: tl.float64,  # alpha_ce * T: d(alpha_ce * T^2 * KL)/ds = alpha_ce * T * (q - p)
     ce_weight: tl.float64,  # alpha_mlm
+    mse_weight: tl.float64,  # 2 * alpha_mse: d(alpha_mse * sum (s - t)^2)/ds = 2 * alpha_mse * (s - t)
     ACC: tl.constexpr,  # compute dtype: fp32, fp64 for fp64 inputs
     TEMP_POW: tl.constexpr,  # T when it is 1 or 2, else 0
+    MSE_GRAD: tl.constexpr,  # alpha_mse > 0: without it the second sweep never reads t for the MSE term
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # row * V overflows int32 once N * V > 2^31
@@ -79,6 +83,7 @@ def _triple_loss_logits_kernel(
             tl.store(g_row + start + cols, 0.0, mask=start + cols < V)
         tl.store(kl_rows_ptr + row, 0.0)
         tl.store(ce_rows_ptr + row, 0.0)
+        tl.store(mse_rows_ptr + row, 0.0)
         return
 
     # Sweep 1. Lanes past the end of the row load -inf, so their exponentials are 0. max(s/T) = max(s)/T, so
@@ -91,6 +96,7 @@ def _triple_loss_logits_kernel(
     z_1 = tl.zeros([], ACC)  # sum exp(s - m_s)
     m_t = tl.full([], float("-inf"), ACC)
     z_t = tl.zeros([], ACC)  # sum exp((t - m_t) / T)
+    sq = tl.zeros([], ACC)  # sum (s - t)^2
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         in_row = offs < V
@@ -108,6 +114,8 @@ def _triple_loss_logits_kernel(
             m_t_new = tl.maximum(m_t, tl.max(t, 0))
             z_t = z_t * tl.exp2((m_t - m_t_new) * scale) + tl.sum(tl.exp2((t - m_t_new) * scale), 0)
             m_t = m_t_new
+            d = tl.where(in_row, s, 0.0) - tl.where(in_row, t, 0.0)  # past the end both are -inf
+            sq += tl.sum(d * d, 0)
 
     # z_t is 0 outside the KL term; 1 keeps its inverse and log finite there (both then go unused).
     z_t = tl.where(selected, z_t, 1.0)
@@ -122,6 +130,7 @@ def _triple_loss_logits_kernel(
     kl_coef = tl.full([], kl_weight, ACC) / tl.maximum(tl.load(counts_ptr).to(ACC), 1.0) * grad_scale
     ce_coef = tl.full([], ce_weight, ACC) / tl.maximum(tl.load(counts_ptr + 1).to(ACC), 1.0) * grad_scale
     ce_coef = tl.where(labelled, ce_coef, 0.0)
+    mse_coef = tl.full([], mse_weight, ACC) / tl.maximum(tl.load(counts_ptr).to(ACC), 1.0) * grad_scale
 
     # Sweep 2: the gradient, with the one-hot term applied before the single rounding to the
     # student's dtype (softmax(s)[label] - 1 cancels badly if rounded first), and the KL. Lanes past the end
@@ -130,20 +139,25 @@ def _triple_loss_logits_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         in_row = offs < V
-        s_c = tl.load(s_row + offs, mask=in_row, other=m_s).to(ACC) - m_s
+        s = tl.load(s_row + offs, mask=in_row, other=m_s).to(ACC)
+        s_c = s - m_s
         es = tl.exp2(s_c * scale)
         softmax1 = _softmax1_numerator(es, s_c, TEMP_POW) * rz1
         g = ce_coef * (softmax1 - tl.where(offs == label, 1.0, 0.0))
         if selected:
-            t_c = tl.load(t_row + offs, mask=in_row, other=m_t).to(ACC) - m_t
+            t = tl.load(t_row + offs, mask=in_row, other=m_t).to(ACC)
+            t_c = t - m_t
             p = tl.exp2(t_c * scale) * rzt
             g += kl_coef * (es * rzs - p)
+            if MSE_GRAD:
+                g += mse_coef * (s - t)
             kl_acc += tl.where(in_row, p * ((t_c - s_c) * inv_temp - log_ratio), 0.0)
         tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_row)
 
     s_label = tl.load(s_row + label, mask=labelled, other=0.0).to(ACC)
     tl.store(kl_rows_ptr + row, tl.sum(kl_acc, 0))
     tl.store(ce_rows_ptr + row, tl.where(labelled, tl.log(z_1) - (s_label - m_s), 0.0))
+    tl.store(mse_rows_ptr + row, sq)
 
 
 @triton.jit
@@ -225,22 +239,23 @@ def _flatten_logits(student_logits, teacher_logits, labels):
             labels.reshape(n_rows).contiguous())
 
 
-def _launch_logits(s, t, labels, selected, counts, grad_scale, temperature, alpha_ce, alpha_mlm, traceable):
-    """The logits kernel on [N, V] rows: (kl_rows, ce_rows, grad), normalized by the counts given (global ones
-    for a chunk of the fused linear loss) and the gradient times grad_scale."""
+def _launch_logits(s, t, labels, selected, counts, grad_scale, temperature, alpha_ce, alpha_mlm, alpha_mse,
+                   traceable):
+    """The logits kernel on [N, V] rows: (kl_rows, ce_rows, mse_rows, grad), normalized by the counts given
+    (global ones for a chunk of the fused linear loss) and the gradient times grad_scale."""
     n_rows, vocab = s.shape
     float64 = s.dtype == torch.float64
-    partials = torch.empty((2, n_rows), dtype=torch.float64 if float64 else torch.float32, device=s.device)
+    partials = torch.empty((3, n_rows), dtype=torch.float64 if float64 else torch.float32, device=s.device)
     grad = torch.empty_like(s)
     block_v = min(triton.next_power_of_2(vocab), _MAX_BLOCK)
     with _device_guard(s.device):
         _launcher(_triple_loss_logits_kernel, traceable)[(n_rows,)](
-            s, t, labels, selected, counts, grad_scale, grad, partials[0], partials[1],
-            vocab, 1.0 / temperature, alpha_ce * temperature, alpha_mlm, ACC=tl.float64 if float64 else tl.float32,
-            TEMP_POW=int(temperature) if temperature in (1.0, 2.0) else 0,
-            BLOCK_V=block_v, num_warps=_num_warps(block_v),
+            s, t, labels, selected, counts, grad_scale, grad, partials[0], partials[1], partials[2],
+            vocab, 1.0 / temperature, alpha_ce * temperature, alpha_mlm, 2.0 * alpha_mse,
+            ACC=tl.float64 if float64 else tl.float32, TEMP_POW=int(temperature) if temperature in (1.0, 2.0) else 0,
+            MSE_GRAD=alpha_mse > 0, BLOCK_V=block_v, num_warps=_num_warps(block_v),
         )
-    return partials[0], partials[1], grad
+    return partials[0], partials[1], partials[2], grad
 
 
 def triple_loss_forward(
@@ -255,14 +270,15 @@ def triple_loss_forward(
     alpha_mlm: float,
     alpha_cos: float,
     restrict_ce_to_mask: bool,
+    alpha_mse: float = 0.0,
     traceable: bool = False,
 ):
     """fastdistil::_triple_loss_forward on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1).
 
-    Returns (loss, loss_ce, loss_mlm, loss_cos, grad_student_logits, grad_student_hidden, logits_grad_scale):
-    four fp32 0-dim tensors (float64 for float64 inputs), the gradients of loss in the shapes of the student
-    tensors (the logits one in their dtype times logits_grad_scale, the hidden one in hidden_grad_dtype), and
-    that 0-dim scale.
+    Returns (loss, loss_ce, loss_mlm, loss_cos, loss_mse, grad_student_logits, grad_student_hidden,
+    logits_grad_scale): five fp32 0-dim tensors (float64 for float64 inputs), the gradients of loss in the shapes
+    of the student tensors (the logits one in their dtype times logits_grad_scale, the hidden one in
+    hidden_grad_dtype), and that 0-dim scale.
     """
     s, t, flat_labels = _flatten_logits(student_logits, teacher_logits, labels)
     n_rows, dim = flat_labels.numel(), student_hidden.size(-1)
@@ -274,9 +290,9 @@ def triple_loss_forward(
     selected = labelled if restrict_ce_to_mask else real
     row_flags = torch.stack([selected, labelled, real]).view(torch.uint8)
     counts = row_flags.sum(dim=1)  # int64 [3], stays on the device
-    grad_scale = logits_grad_scale(counts, temperature, alpha_ce, alpha_mlm, s.dtype)
-    kl_rows, ce_rows, grad_logits = _launch_logits(s, t, flat_labels, row_flags[0], counts, grad_scale, temperature,
-                                                   alpha_ce, alpha_mlm, traceable)
+    grad_scale = logits_grad_scale(counts, temperature, alpha_ce, alpha_mlm, s.dtype, alpha_mse, (s, t))
+    kl_rows, ce_rows, mse_rows, grad_logits = _launch_logits(s, t, flat_labels, row_flags[0], counts, grad_scale,
+                                                             temperature, alpha_ce, alpha_mlm, alpha_mse, traceable)
     cos_rows = torch.empty_like(kl_rows)
     grad_hidden = torch.empty_like(hs, dtype=hidden_grad_dtype(hs.dtype))
     block_d = min(triton.next_power_of_2(dim), _MAX_BLOCK)
@@ -287,18 +303,22 @@ def triple_loss_forward(
             num_warps=_num_warps(block_d),
         )
 
-    # A term with no rows has a zero sum, so clamping its count to 1 gives 0 rather than NaN.
-    terms = torch.stack([kl_rows, ce_rows, cos_rows]).sum(dim=1, dtype=torch.float64) / counts.clamp_min(1)
+    # A term with no rows has a zero sum, so clamping its count to 1 gives 0 rather than NaN. The MSE term is
+    # normalized by the KL's rows, as the original divides by the number of selected rows.
+    sums = torch.stack([kl_rows, ce_rows, cos_rows, mse_rows]).sum(dim=1, dtype=torch.float64)
+    terms = sums / torch.cat([counts, counts[:1]]).clamp_min(1)
     loss_ce = terms[0] * (temperature * temperature)
     loss_mlm = terms[1]
     loss_cos = terms[2]
-    loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos
+    loss_mse = terms[3]
+    loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos + alpha_mse * loss_mse
     loss_dtype = kl_rows.dtype
     return (
         loss.to(loss_dtype),
         loss_ce.to(loss_dtype),
         loss_mlm.to(loss_dtype),
         loss_cos.to(loss_dtype),
+        loss_mse.to(loss_dtype),
         grad_logits.view(student_logits.shape),
         grad_hidden.view(student_hidden.shape),
         grad_scale,
@@ -306,18 +326,22 @@ def triple_loss_forward(
 
 
 def logits_loss_chunk(student_logits, teacher_logits, labels, selected, counts, temperature: float,
-                      alpha_ce: float, alpha_mlm: float, grad_scale: torch.Tensor):
-    """The KL and MLM terms of a chunk of rows, normalized by counts of all the rows (the fused linear loss's
-    chunks): (loss_ce, loss_mlm) as the chunk's shares of the global terms, and the chunk's logits gradient
-    times grad_scale. selected: [N] bool, the chunk's rows in the KL term; counts: int64 [>= 2] global
-    (selected, labelled) counts on the device. Nothing waits for the host."""
+                      alpha_ce: float, alpha_mlm: float, alpha_mse: float):
+    """The KL, MLM and MSE terms of a chunk of rows, normalized by counts of all the rows (the fused linear
+    loss's chunks): (loss_ce, loss_mlm, loss_mse) as the chunk's shares of the global terms, the chunk's logits
+    gradient times grad_scale, and grad_scale: the P of kernels/gradient_scale.py for the global counts and
+    this chunk's logits (which bound its MSE gradient). selected: [N] bool, the chunk's rows in the KL term;
+    counts: int64 [>= 2] global (selected, labelled) counts on the device. Nothing waits for the host."""
     s, t, flat_labels = _flatten_logits(student_logits, teacher_logits, labels)
-    kl_rows, ce_rows, grad = _launch_logits(s, t, flat_labels, selected.reshape(-1).contiguous().view(torch.uint8),
-                                            counts, grad_scale, temperature, alpha_ce, alpha_mlm, traceable=False)
+    grad_scale = logits_grad_scale(counts, temperature, alpha_ce, alpha_mlm, s.dtype, alpha_mse, (s, t))
+    kl_rows, ce_rows, mse_rows, grad = _launch_logits(
+        s, t, flat_labels, selected.reshape(-1).contiguous().view(torch.uint8), counts, grad_scale, temperature,
+        alpha_ce, alpha_mlm, alpha_mse, traceable=False)
     n_selected, n_labelled = counts[:2].clamp_min(1)
     loss_ce = kl_rows.sum(dtype=torch.float64) * (temperature * temperature) / n_selected
     loss_mlm = ce_rows.sum(dtype=torch.float64) / n_labelled
-    return loss_ce.to(kl_rows.dtype), loss_mlm.to(kl_rows.dtype), grad
+    loss_mse = mse_rows.sum(dtype=torch.float64) / n_selected
+    return loss_ce.to(kl_rows.dtype), loss_mlm.to(kl_rows.dtype), loss_mse.to(kl_rows.dtype), grad, grad_scale
 
 
 @triton.jit
@@ -355,7 +379,7 @@ def scale_gradient_(grad: torch.Tensor, scale: torch.Tensor, traceable: bool = F
 
 # What each kernel writes, by argument name: all a compiled graph may treat as mutated.
 _KERNEL_OUTPUTS = {
-    _triple_loss_logits_kernel: {"grad_ptr", "kl_rows_ptr", "ce_rows_ptr"},
+    _triple_loss_logits_kernel: {"grad_ptr", "kl_rows_ptr", "ce_rows_ptr", "mse_rows_ptr"},
     _triple_loss_cosine_kernel: {"grad_ptr", "cos_rows_ptr"},
     _scale_gradient_kernel: {"grad_ptr"},
 }
@@ -371,7 +395,8 @@ def _sample_launches():
             s_ptr=torch.empty(4, vocab), t_ptr=torch.empty(4, vocab), labels_ptr=torch.empty(4, dtype=torch.int64),
             selected_ptr=torch.empty(4, dtype=torch.uint8), counts_ptr=torch.empty(3, dtype=torch.int64),
             grad_scale_ptr=torch.empty(()), grad_ptr=torch.empty(4, vocab), kl_rows_ptr=rows, ce_rows_ptr=rows.clone(),
-            V=vocab, inv_temp=0.5, kl_weight=10.0, ce_weight=2.0, ACC=tl.float32, TEMP_POW=2, BLOCK_V=_MAX_BLOCK)
+            mse_rows_ptr=rows.clone(), V=vocab, inv_temp=0.5, kl_weight=10.0, ce_weight=2.0, mse_weight=0.0,
+            ACC=tl.float32, TEMP_POW=2, MSE_GRAD=False, BLOCK_V=_MAX_BLOCK)
         yield _triple_loss_cosine_kernel, dict(
             hs_ptr=torch.empty(4, dim), ht_ptr=torch.empty(4, dim), real_ptr=torch.empty(4, dtype=torch.uint8),
             counts_ptr=torch.empty(3, dtype=torch.int64), grad_ptr=torch.empty(4, dim), cos_rows_ptr=rows.clone(),

@@ -69,16 +69,18 @@ def hidden_pair(op: str, student_hidden: torch.Tensor, teacher_hidden: torch.Ten
                          f"got {tuple(teacher_hidden.shape)}")
 
 
-def loss_scalars(op: str, temperature: float, alpha_ce: float, alpha_mlm: float, alpha_cos: float) -> None:
+def loss_scalars(op: str, temperature: float, alpha_ce: float, alpha_mlm: float, alpha_cos: float,
+                 alpha_mse: float) -> None:
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"{op}: temperature must be > 0 and finite, got {temperature}")
-    for name, value in (("alpha_ce", alpha_ce), ("alpha_mlm", alpha_mlm), ("alpha_cos", alpha_cos)):
+    for name, value in (("alpha_ce", alpha_ce), ("alpha_mlm", alpha_mlm), ("alpha_cos", alpha_cos),
+                        ("alpha_mse", alpha_mse)):
         if not (value >= 0 and math.isfinite(value)):
             raise ValueError(f"{op}: {name} must be >= 0 and finite, got {value}")
 
 
 def triple_loss(student_logits, teacher_logits, labels_, student_hidden, teacher_hidden, attention_mask,
-                temperature, alpha_ce, alpha_mlm, alpha_cos, check_label_values: bool = True) -> None:
+                temperature, alpha_ce, alpha_mlm, alpha_cos, alpha_mse, check_label_values: bool = True) -> None:
     op = "triple_loss"
     named = dict(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels_,
                  student_hidden=student_hidden, teacher_hidden=teacher_hidden, attention_mask=attention_mask)
@@ -94,12 +96,13 @@ def triple_loss(student_logits, teacher_logits, labels_, student_hidden, teacher
     labels(op, labels_, lead, student_logits.size(-1), check_label_values)
     mask(op, "attention_mask", attention_mask, lead)
     hidden_pair(op, student_hidden, teacher_hidden, lead)
-    loss_scalars(op, temperature, alpha_ce, alpha_mlm, alpha_cos)
+    loss_scalars(op, temperature, alpha_ce, alpha_mlm, alpha_cos, alpha_mse)
 
 
 def fused_linear_triple_loss(student_input, student_weight, student_bias, teacher_input, teacher_weight,
                              teacher_bias, labels_, student_hidden, teacher_hidden, attention_mask, temperature,
-                             alpha_ce, alpha_mlm, alpha_cos, chunk_size: int, check_label_values: bool = True) -> None:
+                             alpha_ce, alpha_mlm, alpha_cos, chunk_size: int, alpha_mse: float,
+                             check_label_values: bool = True) -> None:
     op = "fused_linear_triple_loss"
     named = dict(student_input=student_input, student_weight=student_weight, student_bias=student_bias,
                  teacher_input=teacher_input, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
@@ -130,12 +133,12 @@ def fused_linear_triple_loss(student_input, student_weight, student_bias, teache
     labels(op, labels_, lead, vocab, check_label_values)
     mask(op, "attention_mask", attention_mask, lead)
     hidden_pair(op, student_hidden, teacher_hidden, lead)
-    loss_scalars(op, temperature, alpha_ce, alpha_mlm, alpha_cos)
+    loss_scalars(op, temperature, alpha_ce, alpha_mlm, alpha_cos, alpha_mse)
     if chunk_size < 0:
         raise ValueError(f"{op}: chunk_size must be >= 0 (0 picks one), got {chunk_size}")
 
 
-def attention(q, k, v, key_padding_mask, dropout_p: float, scale: float | None) -> None:
+def attention(q, k, v, key_padding_mask, dropout_p: float, scale: float | None, is_causal: bool = False) -> None:
     op = "attention"
     tensors(op, dict(q=q, k=k, v=v, key_padding_mask=key_padding_mask), optional=("key_padding_mask",))
     floating(op, dict(q=q, k=k, v=v))
@@ -144,6 +147,13 @@ def attention(q, k, v, key_padding_mask, dropout_p: float, scale: float | None) 
             raise ValueError(f"{op}: {name} must be [B, H, L, Dh], got shape {tuple(x.shape)}")
         if x.dtype != q.dtype:
             raise TypeError(f"{op}: {name} is {x.dtype} but q is {q.dtype}; expected one dtype")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"{op}: is_causal must be a bool, got {type(is_causal).__name__}")
+    # Named apart from the shape check below: with queries and keys of different lengths the diagonal would be
+    # ambiguous (SDPA aligns it top-left, transformers' caches bottom-right).
+    if is_causal and k.size(2) != q.size(2):
+        raise ValueError(f"{op}: is_causal needs q and k of one length L (query i attends to keys j <= i), got "
+                         f"{q.size(2)} and {k.size(2)}")
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"{op}: q, k and v must have one shape [B, H, L, Dh] (self-attention), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")

@@ -19,7 +19,10 @@ host synchronization, since the chunk loop needs their number.
 fp16: the chunk gradient is stored times the power of two of kernels/gradient_scale.py, so that a GradScaler's
 scale, applied only in backward, finds its small entries still there; the gradients folded from it (input,
 weight, bias) are accumulated and kept in fp32 until backward, which undoes the power of two, applies
-grad_output and rounds once. Stored at the scaled magnitude in fp16 they could overflow.
+grad_output and rounds once. Stored at the scaled magnitude in fp16 they could overflow. With alpha_mse > 0 the
+bound behind that power of two depends on the logits, which exist one chunk at a time: each chunk's gradient
+gets the power of two of its own logits, and its folds are brought to the batch's (that of the KL and MLM
+terms alone, the largest any chunk can have) in fp32, exactly.
 """
 
 import functools
@@ -38,7 +41,7 @@ CHUNK_BUFFER_BYTES = 128 * 2**20
 CHUNK_ALIGN = 64
 ARGS = ("student_input", "student_weight", "student_bias", "teacher_input", "teacher_weight", "teacher_bias",
         "labels", "student_hidden", "teacher_hidden", "attention_mask", "temperature", "alpha_ce", "alpha_mlm",
-        "alpha_cos", "restrict_ce_to_mask", "chunk_size")
+        "alpha_cos", "restrict_ce_to_mask", "chunk_size", "alpha_mse")
 GRADIENTS = precomputed.Gradients(n_inputs=len(ARGS), inputs=(0, 1, 2, 7), prescaled=(True, True, True, False))
 
 
@@ -55,10 +58,10 @@ def _grad_dtypes(student_input, student_weight, student_bias):
 
 def _forward_fake(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias,
                   labels, student_hidden, teacher_hidden, attention_mask, temperature=2.0, alpha_ce=5.0,
-                  alpha_mlm=2.0, alpha_cos=1.0, restrict_ce_to_mask=False, chunk_size=0):
+                  alpha_mlm=2.0, alpha_cos=1.0, restrict_ce_to_mask=False, chunk_size=0, alpha_mse=0.0):
     scalar = student_input.new_empty((), dtype=torch.float32)
     input_dtype, weight_dtype, bias_dtype = _grad_dtypes(student_input, student_weight, student_bias)
-    return (scalar, scalar.clone(), scalar.clone(), scalar.clone(), torch.empty_like(student_input, dtype=input_dtype),
+    return (*(scalar.clone() for _ in range(precomputed.N_TERMS)), torch.empty_like(student_input, dtype=input_dtype),
             torch.empty_like(student_weight, dtype=weight_dtype),
             student_input.new_empty(student_weight.size(0), dtype=bias_dtype),
             torch.empty_like(student_hidden, dtype=hidden_grad_dtype(student_hidden.dtype)), scalar.clone())
@@ -75,33 +78,33 @@ if extension.AVAILABLE:
 # --- implementations: one forward for CPU and CUDA, the chunk's loss kernel chosen by the device -----------
 
 
-def _cpu_chunk_loss(args: TripleLossArgs, selected, counts, grad_scale, grad_buffer):
+def _cpu_chunk_loss(args: TripleLossArgs, selected, counts):
     # The C++ kernel normalizes by the chunk's own counts: weights scaled by the chunk's share of the global
-    # counts turn its means into the chunk's part of the global ones. Reading CPU counts costs nothing.
+    # counts turn its means into the chunk's part of the global ones. Reading CPU counts costs nothing. The
+    # private forward rather than triple_loss_out: only it returns loss_mse, and the P of this chunk's logits.
     n_sel, n_lab = counts[0].item(), counts[1].item()
     share_sel = int(selected.sum()) / n_sel if n_sel else 0.0
     share_lab = int((args.labels != -100).sum()) / n_lab if n_lab else 0.0
-    grad = grad_buffer[:args.student_logits.size(0)]
-    out = torch.ops.fastdistil.triple_loss_out(
-        *args._replace(alpha_ce=args.alpha_ce * share_sel, alpha_mlm=args.alpha_mlm * share_lab),
-        grad_student_logits=grad, grad_student_hidden=torch.empty_like(args.student_hidden),
-        logits_grad_scale=grad_scale.item())
-    return out[1] * share_sel, out[2] * share_lab, grad
+    out = torch.ops.fastdistil._triple_loss_forward(*args._replace(
+        alpha_ce=args.alpha_ce * share_sel, alpha_mlm=args.alpha_mlm * share_lab,
+        alpha_mse=args.alpha_mse * share_sel))
+    _, loss_ce, loss_mlm, _, loss_mse, grad, _, grad_scale = out
+    return loss_ce * share_sel, loss_mlm * share_lab, loss_mse * share_sel, grad, grad_scale
 
 
-def _triton_chunk_loss(args: TripleLossArgs, selected, counts, grad_scale, grad_buffer):
+def _triton_chunk_loss(args: TripleLossArgs, selected, counts):
     from fastdistil.kernels.triple_loss import logits_loss_chunk
 
     return logits_loss_chunk(args.student_logits, args.teacher_logits, args.labels, selected, counts,
-                             args.temperature, args.alpha_ce, args.alpha_mlm, grad_scale)
+                             args.temperature, args.alpha_ce, args.alpha_mlm, args.alpha_mse)
 
 
 def chunk_loss_for(device: torch.device):
-    """The loss of one chunk of rows: (its part of loss_ce, its part of loss_mlm, the gradient of its weighted
-    loss wrt its student logits times grad_scale), from the chunk's TripleLossArgs (its hidden states unused),
-    its KL-row flags, the global counts, grad_scale and a gradient buffer. On CPU the C++ kernel writes into a
-    buffer reused across chunks; on CUDA the Triton kernel allocates its own and normalizes by the global counts
-    on the device."""
+    """The loss of one chunk of rows: (its parts of loss_ce, loss_mlm and loss_mse, the gradient of its
+    weighted loss wrt its student logits times grad_scale, and grad_scale: the P of kernels/gradient_scale.py
+    for this chunk), from the chunk's TripleLossArgs (its hidden states unused), its KL-row flags and the global
+    counts. On CPU the C++ kernel writes into the op's reused gradient buffer; on CUDA the Triton kernel
+    normalizes by the global counts on the device."""
     return _cpu_chunk_loss if device.type == "cpu" else _triton_chunk_loss
 
 
@@ -150,12 +153,12 @@ def _cosine_term(student_hidden, teacher_hidden, attention_mask, alpha_cos):
     no_labels = torch.full(student_hidden.shape[:-1], -100, dtype=torch.int64, device=student_hidden.device)
     out = torch.ops.fastdistil._triple_loss_forward(no_logits, no_logits, no_labels, student_hidden,
                                                     teacher_hidden, attention_mask, 1.0, 0.0, 0.0, alpha_cos, False)
-    return out[3], out[5]
+    return out[3], out[precomputed.N_TERMS + 1]
 
 
 def _forward(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias, labels,
              student_hidden, teacher_hidden, attention_mask, temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0,
-             alpha_cos=1.0, restrict_ce_to_mask=False, chunk_size=0):
+             alpha_cos=1.0, restrict_ce_to_mask=False, chunk_size=0, alpha_mse=0.0):
     # The dispatcher leaves out trailing arguments equal to the schema's defaults: hence the defaults here.
     dim, vocab = student_input.size(-1), student_weight.size(0)
     x_s = student_input.reshape(-1, dim)
@@ -175,11 +178,11 @@ def _forward(student_input, student_weight, student_bias, teacher_input, teacher
     grad_bias = torch.zeros(vocab, dtype=torch.float32, device=x_s.device)
     loss_ce = torch.zeros((), dtype=torch.float32, device=x_s.device)
     loss_mlm = torch.zeros((), dtype=torch.float32, device=x_s.device)
+    loss_mse = torch.zeros((), dtype=torch.float32, device=x_s.device)
     n_buf = min(chunk, rows.numel())
     s_buf = x_s.new_empty(n_buf, vocab)
     t_buf = x_t.new_empty(n_buf, vocab, dtype=teacher_weight.dtype)
     chunk_loss = chunk_loss_for(x_s.device)
-    g_buf = torch.empty_like(s_buf) if chunk_loss is _cpu_chunk_loss else None
     no_hidden = x_s.new_zeros(n_buf, 1)  # the chunks' loss has no cosine term: _cosine_term computes it
     for start in range(0, rows.numel(), chunk):
         idx = rows[start:start + chunk]
@@ -190,32 +193,45 @@ def _forward(student_input, student_weight, student_bias, teacher_input, teacher
             teacher_logits=_project(x_t.index_select(0, idx), teacher_weight, teacher_bias, t_buf[:n]),
             labels=flat_labels.index_select(0, idx), student_hidden=no_hidden[:n], teacher_hidden=no_hidden[:n],
             attention_mask=valid.index_select(0, idx), temperature=temperature, alpha_ce=alpha_ce,
-            alpha_mlm=alpha_mlm, alpha_cos=0.0, restrict_ce_to_mask=restrict_ce_to_mask)
-        ce, mlm, grad_logits = chunk_loss(args, selected.index_select(0, idx), counts, grad_scale, g_buf)
+            alpha_mlm=alpha_mlm, alpha_cos=0.0, restrict_ce_to_mask=restrict_ce_to_mask, alpha_mse=alpha_mse)
+        ce, mlm, mse, grad_logits, chunk_scale = chunk_loss(args, selected.index_select(0, idx), counts)
         loss_ce += ce
         loss_mlm += mlm
-        grad_input.index_copy_(0, idx, _matmul(grad_logits, student_weight, input_dtype))
-        if grad_logits.dtype == torch.float32:
+        loss_mse += mse
+        # A power of two, 1 unless fp16 logits with alpha_mse > 0 gave this chunk a smaller P (the module
+        # docstring): exact in fp32.
+        to_batch_scale = grad_scale / chunk_scale
+        grad_input.index_copy_(0, idx, _matmul(grad_logits, student_weight, input_dtype) * to_batch_scale)
+        if grad_logits.dtype == torch.float32:  # P = 1
             grad_weight.addmm_(grad_logits.t(), xs)
         else:  # 16-bit products, accumulated over chunks in fp32
-            grad_weight.add_(_matmul(grad_logits.t(), xs, torch.float32))
-        grad_bias.add_(grad_logits.sum(0, dtype=torch.float32))
+            grad_weight.addcmul_(_matmul(grad_logits.t(), xs, torch.float32), to_batch_scale)
+        grad_bias.add_(grad_logits.sum(0, dtype=torch.float32) * to_batch_scale)
+        del grad_logits  # on CPU, frees the op's gradient buffer for the next chunk to reuse
 
     loss_cos, grad_hidden = _cosine_term(student_hidden, teacher_hidden, attention_mask, alpha_cos)
-    loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos
-    return (loss, loss_ce, loss_mlm, loss_cos, grad_input.view(student_input.shape), grad_weight.to(weight_dtype),
-            grad_bias.to(bias_dtype), grad_hidden, grad_scale)
+    loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos + alpha_mse * loss_mse
+    return (loss, loss_ce, loss_mlm, loss_cos, loss_mse, grad_input.view(student_input.shape),
+            grad_weight.to(weight_dtype), grad_bias.to(bias_dtype), grad_hidden, grad_scale)
+
+
+def _terms(args: tuple, restrict_ce_to_mask: bool, chunk_size: int, alpha_mse: float) -> tuple:
+    """All five loss terms (TripleLossOutput's), loss differentiable: fastdistil::fused_linear_triple_loss's body
+    and the Python API's. args: the op's arguments up to alpha_cos. Label values are left to the loss kernels:
+    reading them here would be a data-dependent branch wherever the op is traced."""
+    checks.fused_linear_triple_loss(*args, chunk_size, alpha_mse, check_label_values=False)
+    return torch.ops.fastdistil._fused_linear_triple_loss_forward(
+        *args, restrict_ce_to_mask, chunk_size, alpha_mse)[:precomputed.N_TERMS]
 
 
 def _composite(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias, labels,
                student_hidden, teacher_hidden, attention_mask, temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0,
-               alpha_cos=1.0, restrict_ce_to_mask=False, chunk_size=0):
-    """fastdistil::fused_linear_triple_loss. Label values are left to the loss kernels: reading them here would be
-    a data-dependent branch wherever the op is traced."""
+               alpha_cos=1.0, restrict_ce_to_mask=False, chunk_size=0, alpha_mse=0.0):
+    """fastdistil::fused_linear_triple_loss: the four terms of its schema, loss_mse left out (it is inside
+    loss)."""
     args = (student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias, labels,
             student_hidden, teacher_hidden, attention_mask, temperature, alpha_ce, alpha_mlm, alpha_cos)
-    checks.fused_linear_triple_loss(*args, chunk_size, check_label_values=False)
-    return torch.ops.fastdistil._fused_linear_triple_loss_forward(*args, restrict_ce_to_mask, chunk_size)[:4]
+    return _terms(args, restrict_ce_to_mask, chunk_size, alpha_mse)[:4]
 
 
 if extension.AVAILABLE:
@@ -232,7 +248,7 @@ def fused_linear_triple_loss(student_input: torch.Tensor, student_weight: torch.
                              student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor,
                              temperature: float = 2.0, alpha_ce: float = 5.0, alpha_mlm: float = 2.0,
                              alpha_cos: float = 1.0, restrict_ce_to_mask: bool = False,
-                             chunk_size: int = 0) -> TripleLossOutput:
+                             chunk_size: int = 0, alpha_mse: float = 0.0) -> TripleLossOutput:
     """The triple loss of both models' vocabulary projections, without materializing any [N, V] logits.
 
     Args:
@@ -245,18 +261,19 @@ def fused_linear_triple_loss(student_input: torch.Tensor, student_weight: torch.
         labels, student_hidden, teacher_hidden, attention_mask, temperature, alphas, restrict_ce_to_mask: as
             in fastdistil.triple_loss.
         chunk_size: token rows projected at once; 0 picks one from N, V and the dtype.
+        alpha_mse: as in fastdistil.triple_loss (after chunk_size, as in the op's schema).
 
     Returns:
-        TripleLossOutput, equal to projecting both inputs and calling fastdistil.triple_loss.
+        TripleLossOutput(loss, loss_ce, loss_mlm, loss_cos, loss_mse), equal to projecting both inputs and
+        calling fastdistil.triple_loss.
     """
     args = (student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias, labels,
             student_hidden, teacher_hidden, attention_mask, float(temperature), float(alpha_ce), float(alpha_mlm),
             float(alpha_cos))
-    checks.fused_linear_triple_loss(*args, int(chunk_size))
+    checks.fused_linear_triple_loss(*args, int(chunk_size), float(alpha_mse))
     if not extension.AVAILABLE:
         raise RuntimeError(f"fused_linear_triple_loss needs fastdistil._C ({extension.ERROR}). "
                            f"{extension.HOW_TO_FIX}")
     if student_input.device.type == "cuda" and triton_kernels_error():
         raise RuntimeError(f"fused_linear_triple_loss on CUDA runs the Triton loss kernel: {triton_kernels_error()}")
-    return TripleLossOutput(*torch.ops.fastdistil.fused_linear_triple_loss(
-        *args, bool(restrict_ce_to_mask), int(chunk_size)))
+    return TripleLossOutput(*_terms(args, bool(restrict_ce_to_mask), int(chunk_size), float(alpha_mse)))

@@ -1,12 +1,13 @@
 """The autograd of the two losses, whose forward computes the gradient in the same pass as the loss.
 
-Their private forwards (_triple_loss_forward, _fused_linear_triple_loss_forward) return the four loss terms,
-then the gradient of `loss` with respect to each differentiable input, then logits_grad_scale: the power of two
-the logits-derived gradients are stored with (kernels/gradient_scale.py: 1 except in fp16). Backward scales the
-saved gradients in place by grad_output (and by 1 / logits_grad_scale where they carry it), in fp32 with one
-rounding, and hands them over in the inputs' dtypes. In place, because a second gradient of vocabulary size
-would double the op's memory; the bumped version counter turns a second backward through the same graph into
-autograd's usual error instead of a doubly scaled gradient.
+Their private forwards (_triple_loss_forward, _fused_linear_triple_loss_forward) return the N_TERMS loss terms
+(TripleLossOutput's: loss, loss_ce, loss_mlm, loss_cos, loss_mse), then the gradient of `loss` with respect to
+each differentiable input, then logits_grad_scale: the power of two the logits-derived gradients are stored with
+(kernels/gradient_scale.py: 1 except in fp16). Backward scales the saved gradients in place by grad_output (and
+by 1 / logits_grad_scale where they carry it), in fp32 with one rounding, and hands them over in the inputs'
+dtypes. In place, because a second gradient of vocabulary size would double the op's memory; the bumped version
+counter turns a second backward through the same graph into autograd's usual error instead of a doubly scaled
+gradient.
 """
 
 import functools
@@ -15,13 +16,16 @@ from typing import NamedTuple
 import torch
 
 from fastdistil.ops import extension
+from fastdistil.ops.values import TripleLossOutput
+
+N_TERMS = len(TripleLossOutput._fields)
 
 
 class Gradients(NamedTuple):
     """Which inputs of an op the gradients in its outputs belong to."""
 
     n_inputs: int
-    inputs: tuple[int, ...]  # input index of each gradient output, in output order (after the four terms)
+    inputs: tuple[int, ...]  # input index of each gradient output, in output order (after the N_TERMS terms)
     prescaled: tuple[bool, ...]  # whether that gradient carries logits_grad_scale
 
 
@@ -39,7 +43,7 @@ def setup_context(gradients: Gradients, ctx, inputs, output) -> None:
     # Otherwise autograd hands backward zero "gradients" of vocabulary size for the gradient outputs.
     ctx.set_materialize_grads(False)
     ctx.dtypes = [None if inputs[i] is None else inputs[i].dtype for i in gradients.inputs]
-    ctx.save_for_backward(*output[4:])
+    ctx.save_for_backward(*output[N_TERMS:])
 
 
 def backward(gradients: Gradients, ctx, grad_loss, *_grads_of_outputs_without_gradient):

@@ -2,9 +2,11 @@
 
 This is the ground truth of every test and the baseline of every benchmark: masked_select copies of the
 selected rows, log_softmax / softmax at temperature T, KLDivLoss(batchmean) times T^2, CrossEntropyLoss on the
-full student logits at T = 1, CosineEmbeddingLoss on the non-padding hidden states. The only departures are
-the ones fastdistil's contract adds: empty selections give 0 instead of NaN, and each term is computed in fp32
-(the recipe ran its losses in fp32 under apex O1 too).
+full student logits at T = 1, CosineEmbeddingLoss on the non-padding hidden states, and --alpha_mse's
+MSELoss(sum) of the selected raw logits over their number of rows. The only departures are the ones
+fastdistil's contract adds: empty selections give 0 instead of NaN, each term is computed in fp32 (the recipe
+ran its losses in fp32 under apex O1 too), and loss_mse is computed for logging even when alpha_mse is 0 (the
+original skips it then).
 """
 
 import torch
@@ -17,8 +19,9 @@ from fastdistil.ops.values import TripleLossOutput
 def triple_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                           student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor,
                           temperature: float = 2.0, alpha_ce: float = 5.0, alpha_mlm: float = 2.0,
-                          alpha_cos: float = 1.0, restrict_ce_to_mask: bool = False) -> TripleLossOutput:
-    """Weighted DistilBERT loss and its three unweighted terms (fp32 scalars; float64 for float64 inputs)."""
+                          alpha_cos: float = 1.0, restrict_ce_to_mask: bool = False,
+                          alpha_mse: float = 0.0) -> TripleLossOutput:
+    """Weighted DistilBERT loss and its four unweighted terms (fp32 scalars; float64 for float64 inputs)."""
     compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     s_logits = student_logits.to(compute)
     t_logits = teacher_logits.to(compute)
@@ -40,8 +43,9 @@ def triple_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Te
             F.log_softmax(s_logits_slct / temperature, dim=-1),
             F.softmax(t_logits_slct / temperature, dim=-1),
         ) * (temperature**2)
+        loss_mse = nn.MSELoss(reduction="sum")(s_logits_slct, t_logits_slct) / s_logits_slct.size(0)
     else:
-        loss_ce = zero
+        loss_ce = loss_mse = zero
 
     flat_labels = labels.reshape(-1)
     if (flat_labels != -100).any():
@@ -58,5 +62,5 @@ def triple_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Te
     else:
         loss_cos = s_hidden.sum() * 0
 
-    loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos
-    return TripleLossOutput(loss, loss_ce, loss_mlm, loss_cos)
+    loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos + alpha_mse * loss_mse
+    return TripleLossOutput(loss, loss_ce, loss_mlm, loss_cos, loss_mse)

@@ -3,7 +3,8 @@
 The op in the order every op module follows: its schema (csrc/ops.cpp), fake kernels, autograd, then one
 implementation per device, and the Python API last.
 - fastdistil::triple_loss, the public op, is CompositeImplicitAutograd: the private _triple_loss_forward on
-  devices with a kernel, the unfused reference elsewhere.
+  devices with a kernel, the unfused reference elsewhere. It returns four terms (loss, loss_ce, loss_mlm,
+  loss_cos; loss includes alpha_mse * loss_mse), the private forward and the Python API five (loss_mse too).
 - _triple_loss_forward computes the loss terms and their gradient with respect to the student logits and hidden
   states in the same pass: the C++ kernel on CPU (csrc/triple_loss_cpu.cpp), the Triton kernel on CUDA
   (fastdistil.kernels.triple_loss). Its backward only scales that gradient (fastdistil/ops/precomputed.py), so
@@ -47,14 +48,14 @@ def _check_devices(**named) -> None:
 # --- fake kernels --------------------------------------------------------------------------------------------
 
 def _forward_fake(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
-                  temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask):
+                  temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, alpha_mse=0.0):
     _check_devices(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels,
                    student_hidden=student_hidden, teacher_hidden=teacher_hidden, attention_mask=attention_mask)
     torch._check(teacher_logits.shape == student_logits.shape)
     torch._check(labels.shape == student_logits.shape[:-1])
     torch._check(teacher_hidden.shape == student_hidden.shape)
     scalar = student_logits.new_empty((), dtype=_loss_dtype(student_logits))
-    return (scalar, scalar.clone(), scalar.clone(), scalar.clone(),
+    return (*(scalar.clone() for _ in range(precomputed.N_TERMS)),
             torch.empty_like(student_logits, memory_format=torch.contiguous_format),
             torch.empty_like(student_hidden, dtype=hidden_grad_dtype(student_hidden.dtype),
                              memory_format=torch.contiguous_format),
@@ -62,8 +63,8 @@ def _forward_fake(student_logits, teacher_logits, labels, student_hidden, teache
 
 
 def _out_fake(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask, temperature,
-              alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, *, grad_student_logits, grad_student_hidden,
-              logits_grad_scale=1.0):
+              alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, alpha_mse=0.0, *, grad_student_logits,
+              grad_student_hidden, logits_grad_scale=1.0):
     _check_devices(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels,
                    student_hidden=student_hidden, teacher_hidden=teacher_hidden, attention_mask=attention_mask,
                    grad_student_logits=grad_student_logits, grad_student_hidden=grad_student_hidden)
@@ -100,19 +101,20 @@ def triton_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def triton_forward(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
-                   temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, traceable: bool = False):
+                   temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, alpha_mse=0.0,
+                   traceable: bool = False):
     """_triple_loss_forward by the Triton kernel: the CUDA implementation, and backend="triton"'s."""
     from fastdistil.kernels.triple_loss import triple_loss_forward
 
     checks.triple_loss(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
-                       temperature, alpha_ce, alpha_mlm, alpha_cos)
+                       temperature, alpha_ce, alpha_mlm, alpha_cos, alpha_mse)
     unsupported = triton_unsupported(student_logits.device, student_logits.dtype)
     if unsupported:
         raise ValueError(f"triple_loss: the Triton kernel cannot run {student_logits.dtype} student_logits on "
                          f"{student_logits.device}: {unsupported}")
     return triple_loss_forward(student_logits, teacher_logits, labels, student_hidden, teacher_hidden,
                                attention_mask, temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask,
-                               traceable=traceable)
+                               alpha_mse, traceable=traceable)
 
 
 def _triton_scale_gradient_(grad, scale, traceable: bool = False):
@@ -194,22 +196,29 @@ def auto_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
     return "triton", f"sm{major}{minor}"
 
 
-def _composite(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
-               temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, restrict_ce_to_mask=False):
-    """fastdistil::triple_loss: the kernel of the logits' device, or the reference where there is none. (The
-    dispatcher leaves out trailing arguments equal to the schema's defaults: hence the defaults here.)"""
-    args = TripleLossArgs(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
-                          temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask)
+def _terms(args: TripleLossArgs) -> tuple:
+    """All five loss terms (TripleLossOutput's), loss differentiable, from the kernel of the logits' device, or
+    the reference where there is none: fastdistil::triple_loss's body, and backend="auto"'s."""
     # Label values are not read here: that would be a data-dependent branch wherever the op is traced, and the
     # C++ kernel checks them (the Python API checked them before the call).
-    checks.triple_loss(*args[:10], check_label_values=False)
-    backend, why = auto_backend(student_logits.device, student_logits.dtype)
+    checks.triple_loss(*args[:10], args.alpha_mse, check_label_values=False)
+    backend, why = auto_backend(args.student_logits.device, args.student_logits.dtype)
     if backend == "unsupported":
-        raise ValueError(f"triple_loss: no implementation for {student_logits.dtype} logits on "
-                         f"{student_logits.device}: {why}")
+        raise ValueError(f"triple_loss: no implementation for {args.student_logits.dtype} logits on "
+                         f"{args.student_logits.device}: {why}")
     if backend == "reference":
         return tuple(triple_loss_reference(*args))
-    return torch.ops.fastdistil._triple_loss_forward(*args)[:4]
+    return torch.ops.fastdistil._triple_loss_forward(*args)[:precomputed.N_TERMS]
+
+
+def _composite(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
+               temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, restrict_ce_to_mask=False,
+               alpha_mse=0.0):
+    """fastdistil::triple_loss: the four terms of its schema, loss_mse left out (it is inside loss). (The
+    dispatcher leaves out trailing arguments equal to the schema's defaults: hence the defaults here.)"""
+    return _terms(TripleLossArgs(student_logits, teacher_logits, labels, student_hidden, teacher_hidden,
+                                 attention_mask, temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask,
+                                 alpha_mse))[:4]
 
 
 if extension.AVAILABLE:
@@ -223,7 +232,8 @@ _triton_with_autograd = precomputed.function(GRADIENTS, triton_forward)
 def triple_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                 student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor,
                 temperature: float = 2.0, alpha_ce: float = 5.0, alpha_mlm: float = 2.0, alpha_cos: float = 1.0,
-                restrict_ce_to_mask: bool = False, backend: Backend = "auto") -> TripleLossOutput:
+                restrict_ce_to_mask: bool = False, alpha_mse: float = 0.0,
+                backend: Backend = "auto") -> TripleLossOutput:
     """The DistilBERT triple loss, fused.
 
     Args:
@@ -235,27 +245,29 @@ def triple_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labe
         attention_mask: [...] bool or integer, 0 = padding.
         temperature, alpha_ce, alpha_mlm, alpha_cos: the recipe's T and weights.
         restrict_ce_to_mask: the KL term covers only MLM targets instead of every non-padding token.
-        backend: "auto" (torch.ops.fastdistil.triple_loss: the compiled kernel for the tensors' device), "cpp",
-            "triton" (the Triton launcher on any tensors it accepts, CPU ones under TRITON_INTERPRET=1) or
-            "reference".
+        alpha_mse: weight of the original distiller's --alpha_mse term, the summed squared difference of the
+            raw student and teacher logits over the KL term's rows, divided by their number (0 in the recipe).
+        backend: "auto" (torch.ops.fastdistil.triple_loss's implementation: the compiled kernel for the tensors'
+            device), "cpp", "triton" (the Triton launcher on any tensors it accepts, CPU ones under
+            TRITON_INTERPRET=1) or "reference".
 
     Returns:
-        TripleLossOutput(loss, loss_ce, loss_mlm, loss_cos): fp32 scalars; loss = alpha_ce * loss_ce +
-        alpha_mlm * loss_mlm + alpha_cos * loss_cos, and only loss carries a gradient.
+        TripleLossOutput(loss, loss_ce, loss_mlm, loss_cos, loss_mse): fp32 scalars; loss = alpha_ce * loss_ce +
+        alpha_mlm * loss_mlm + alpha_cos * loss_cos + alpha_mse * loss_mse, and only loss carries a gradient.
     """
     if backend not in BACKENDS:
         raise ValueError(f"triple_loss: backend must be one of {BACKENDS}, got {backend!r}")
     args = TripleLossArgs(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
                           float(temperature), float(alpha_ce), float(alpha_mlm), float(alpha_cos),
-                          bool(restrict_ce_to_mask))
-    checks.triple_loss(*args[:10])
+                          bool(restrict_ce_to_mask), float(alpha_mse))
+    checks.triple_loss(*args[:10], args.alpha_mse)
     if backend == "reference" or (backend == "auto" and not extension.AVAILABLE):
         return triple_loss_reference(*args)
     if backend == "triton":
-        return TripleLossOutput(*_triton_with_autograd(*args)[:4])
+        return TripleLossOutput(*_triton_with_autograd(*args)[:precomputed.N_TERMS])
     if not extension.AVAILABLE:
         raise RuntimeError(f"triple_loss: backend={backend!r} needs fastdistil._C ({extension.ERROR}). "
                            f"{extension.HOW_TO_FIX}")
     if backend == "cpp" and student_logits.device.type != "cpu":
         raise ValueError(f"triple_loss: backend='cpp' runs on CPU tensors, got {student_logits.device}")
-    return TripleLossOutput(*torch.ops.fastdistil.triple_loss(*args))
+    return TripleLossOutput(*_terms(args))

@@ -19,15 +19,18 @@ class TripleLossArgs(NamedTuple):
     alpha_mlm: float = 2.0
     alpha_cos: float = 1.0
     restrict_ce_to_mask: bool = False
+    alpha_mse: float = 0.0
 
 
 class TripleLossOutput(NamedTuple):
-    """The weighted loss to backpropagate and its three unweighted terms, each a 0-dim fp32 tensor.
+    """The weighted loss to backpropagate and its four unweighted terms, each a 0-dim fp32 tensor.
 
-    Only `loss` carries a gradient in the fused implementations; the terms are for logging.
+    Only `loss` carries a gradient in the fused implementations; the terms are for logging. loss_mse, the
+    original distiller's --alpha_mse term, is computed whatever its weight (0 by default, as in the recipe).
     """
 
     loss: torch.Tensor
     loss_ce: torch.Tensor
     loss_mlm: torch.Tensor
     loss_cos: torch.Tensor
+    loss_mse: torch.Tensor
