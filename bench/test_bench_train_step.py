@@ -2,7 +2,8 @@
 
 Providers, each from the same weights on the same batches, one optimizer step per round:
   distiller                  the original Hugging Face distiller's step (bench/distiller_step.py): the
-                             unfused loss on masked_select copies, default (foreach) AdamW, .item() logs.
+                             unfused loss on masked_select copies, default (foreach) AdamW, .item() logs; in
+                             its MLM mode for BERT, its CLM mode for GPT-2.
   fastdistil                 what `python -m fastdistil.train` does per step: fastdistil.train.train_step with
                              --loss fused (vocabulary projection and loss fused, chunk by chunk: no [N, V]
                              logits), make_optimizer's fused AdamW.
@@ -13,13 +14,27 @@ Providers, each from the same weights on the same batches, one optimizer step pe
                              models, so distiller / matmul_floor bounds the speed-up any implementation can
                              show on this machine.
 
-Teacher: BertForMaskedLM with bert-base's config and seeded random weights; student: make_student(teacher),
-6 layers from teacher layers 0, 2, 4, 7, 9, 11. Batches: 8 x 128 on CPU, 32 x 128 on CUDA, from the bundled
-Wikipedia sample, masked as the trainer masks them. fp32, bf16 and fp16 (torch.autocast around both forwards;
-fp16 with a torch.amp.GradScaler on both sides, as `--precision fp16` trains and as the original distiller
-scaled its loss with apex).
+Two model rows, each teacher with seeded random weights and its student make_student(teacher), 6 layers from
+teacher layers 0, 2, 4, 7, 9, 11:
+  bert   (ids "fp32-distiller", ...) BertForMaskedLM with bert-base's config (V = 30,522) -> DistilBERT, masked
+         LM: batches masked as the trainer masks them. fp32, bf16 and fp16 (torch.autocast around both
+         forwards; fp16 with a torch.amp.GradScaler on both sides, as `--precision fp16` trains and as the
+         original distiller scaled its loss with apex).
+  gpt2   (ids "gpt2-fp32-distiller", ...) GPT2LMHeadModel with GPT-2 small's config (12 layers, hidden 768, 12
+         heads, V = 50,257, 1,024 positions) -> a 6-layer GPT-2 (DistilGPT2's shape), causal LM: labels the
+         next tokens, CausalShift's for fastdistil, the original's prepare_batch_clm labels (shifted inside its
+         step) for the distiller. fp32 only. No GPT-2 tokenizer ships with fastdistil and nothing is downloaded
+         here, so its batches hold the same token ids as the BERT row's (the bundled BERT tokenizer's, unmasked,
+         [CLS] ... [SEP]): ids < 30,522 index real rows of the 50,257-row embedding, and with random weights the
+         text's meaning plays no part in a step's time; the shapes (and the [N, 50257] logits) are GPT-2's.
+Batches: 8 x 128 on CPU, 32 x 128 on CUDA, from the bundled Wikipedia sample. Both rows use the loss weights of
+fastdistil.train's defaults for the family (alpha_ce 5, alpha_mlm or alpha_clm 2, alpha_cos 1, T = 2), on both
+sides.
 
-    python -m pytest bench/test_bench_train_step.py -k fp32 --benchmark-json bench/results/train_step.json
+    python -m pytest bench/test_bench_train_step.py -k "fp32 and not gpt2" \
+        --benchmark-json bench/results/train_step.json
+    python -m pytest bench/test_bench_train_step.py -k "gpt2 and fp32" --benchmark-json \
+        bench/results/train_step_gpt2.json
     python -m pytest bench/test_bench_train_step.py -k "bf16 or fp16" --durations=0 \
         --benchmark-json bench/results/train_step_gpu.json     # on a GPU machine: the CUDA run
     FASTDISTIL_BENCH_TINY=1 python -m pytest bench/test_bench_train_step.py      # smoke test: tiny models
@@ -39,17 +54,21 @@ record those steps (settle_steps), the final scale and any update skipped after 
 FASTDISTIL_BENCH_ROUNDS=N sets the timed rounds of every case (default on CPU: fp32 5, bf16 and fp16 2; a
 full-size fp32 step takes 10-14 s on two idle AVX2 cores, a bf16 one about 6 min there, without bf16
 arithmetic in the CPU, so fp16 runs on a CPU only in tiny runs; on CUDA 10; the matmul_floor case first records
-one distiller step, outside the timing).
-FASTDISTIL_BENCH_TINY=1 swaps in a tiny teacher (hidden 64, 4 layers) and 2 x 32 batches: with -k "bf16 or
-fp16" on a CPU it is the dry run of the CUDA run (scripts/gpu_check.sh --dry-run), ~15 s on two shared cores.
-test_distiller_step_matches_fastdistil, not a benchmark, checks on CPU that the baseline computes what
-fastdistil computes.
+one distiller step, outside the timing). The GPT-2 fp32 row took 10 min (cases 1.5-2.7 min, distiller steps
+~21 s) on two AVX-512 cores of which other processes took ~65 %; idle, expect a fraction of that.
+FASTDISTIL_BENCH_TINY=1 swaps in tiny teachers (hidden 64, 4 layers, each row's full vocabulary) and 2 x 32
+batches: with -k "bf16 or fp16" on a CPU it is the dry run of the CUDA run (scripts/gpu_check.sh --dry-run),
+~15 s on two shared cores.
+test_distiller_step_matches_fastdistil, not a benchmark, checks on CPU for each row that the baseline computes
+what fastdistil computes.
 
-Every result's extra_info holds the device, precision, provider, batch shape, non-padding tokens per batch and
-per second (mean tokens of the timed batches / median step time), the peak extra memory of one step
-(bench/memory.py), the models' sizes and the other processes' share of the CPUs while it ran.
+Every result's extra_info holds the model row, device, precision, provider, batch shape, vocabulary size,
+non-padding tokens per batch and per second (mean tokens of the timed batches / median step time), the peak
+extra memory of one step (bench/memory.py), the models' sizes and the other processes' share of the CPUs while
+it ran.
 """
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -59,13 +78,16 @@ import statistics
 import pytest
 import torch
 from torch.nn.utils import clip_grad_norm_
-from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, get_linear_schedule_with_warmup
+from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel,
+                          get_linear_schedule_with_warmup)
 
 import fastdistil
 from fastdistil.train import data
 from fastdistil.train.heads import ProjectionInputs
 from fastdistil.train.student import make_student
 from fastdistil.train import TrainConfig, make_optimizer, train_step
+from fastdistil.train.config import for_family
+from fastdistil.train.families import family_of
 
 from bench import matmul_floor
 from bench.distiller_step import Distiller
@@ -79,14 +101,40 @@ CUDA = DEVICE.type == "cuda"
 CPU = torch.device("cpu")
 SEED = 0
 VOCAB = 30522  # the bundled tokenizer's: the ids of real text index the teacher's embeddings
-# BertConfig's defaults are bert-base (hidden 768, 12 layers, 12 heads, intermediate 3072).
-TINY_TEACHER = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """A model row: the teacher's class and config (its defaults the full-size model, `tiny` the smoke test's
+    overrides) and its precisions."""
+    model_class: type
+    config: functools.partial
+    tiny: dict
+    precisions: tuple[str, ...]
+
+    @property
+    def causal(self) -> bool:
+        """Whether the row trains as a causal LM: its fastdistil family's answer."""
+        return family_of(self.config()).causal
+
+
+ROWS = {
+    # BertConfig's defaults are bert-base (hidden 768, 12 layers, 12 heads, intermediate 3072).
+    "bert": Row(BertForMaskedLM, functools.partial(BertConfig, vocab_size=VOCAB, layer_norm_eps=1e-12),
+                dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128),
+                precisions=("fp32", "bf16", "fp16")),
+    # GPT2Config's defaults are GPT-2 small (n_embd 768, 12 layers, 12 heads, n_inner 4 x 768, 1,024 positions).
+    # fp32 only: the issue's row, and no growth of the CUDA run (-k "bf16 or fp16").
+    "gpt2": Row(GPT2LMHeadModel, functools.partial(GPT2Config, vocab_size=50257),
+                dict(n_embd=64, n_layer=4, n_head=2, n_inner=128), precisions=("fp32",)),
+}
 TINY_BATCH = (2, 32)  # (batch size, sequence length)
 BATCH = TINY_BATCH if TINY else (32, 128) if CUDA else (8, 128)  # a GPU needs more rows to be busy
 N_BATCHES = 8  # the fixed batches every provider cycles through, in the same order
 # autocast dtype, as fastdistil.train maps --precision
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROVIDERS = ("distiller", "fastdistil", "fastdistil_fused_logits", "fastdistil_reference_loss", "matmul_floor")
+ORIGINAL_PROVIDERS = ("distiller", "matmul_floor")  # they take the original's labels (the same for a masked LM)
 LOSS_OF = {"fastdistil": "fused", "fastdistil_fused_logits": "fused-logits", "fastdistil_reference_loss": "reference"}
 ROUNDS = dict.fromkeys(PRECISIONS, 10) if CUDA else {"fp32": 5, "bf16": 2, "fp16": 2}
 if "FASTDISTIL_BENCH_ROUNDS" in os.environ:
@@ -100,53 +148,85 @@ RECIPE_LR = 5e-4  # the distiller's default, given to both sides
 
 # A full-size fp16 step on a CPU takes minutes, like bf16, and nobody trains so there: fp16 runs on CUDA and in
 # tiny runs (which include the CUDA run's dry run).
-CASES = [(precision, provider) for precision in PRECISIONS if precision != "fp16" or CUDA or TINY
-         for provider in PROVIDERS]
+CASES = [(model, precision, provider) for model, row in ROWS.items() for precision in row.precisions
+         if precision != "fp16" or CUDA or TINY for provider in PROVIDERS]
+
+
+def case_id(model: str, precision: str, provider: str) -> str:
+    """BERT's ids are the ones its committed results carry (fp32-distiller, ...); other rows are prefixed."""
+    return f"{precision}-{provider}" if model == "bert" else f"{model}-{precision}-{provider}"
 
 
 @functools.lru_cache(maxsize=None)
-def load_batches(batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(masked input_ids, attention_mask, labels) of the first N_BATCHES full batch_size x seq_len batches of
-    the trainer's first epoch (fastdistil.train's pipeline, seed and masking). Length grouping also yields
-    shorter batches; skipping them gives every round the same work, so that the median of a few rounds is the
-    time of a step."""
-    cfg = TrainConfig()
+def tokenized_corpus(seq_len: int):
+    """(the bundled tokenizer, the bundled corpus's training sequences): every row's token ids."""
     tokenizer = AutoTokenizer.from_pretrained(data.BUNDLED_TOKENIZER)
-    sequences = data.tokenize_corpus(data.load_corpus(), tokenizer, seq_len)
-    masker = data.DynamicMasker(
-        data.masking_probabilities(sequences, len(tokenizer), tokenizer.all_special_ids, cfg.mlm_smoothing),
-        tokenizer.mask_token_id, len(tokenizer), cfg.mlm_prob)
+    return tokenizer, data.tokenize_corpus(data.load_corpus(), tokenizer, seq_len)
+
+
+@functools.lru_cache(maxsize=None)
+def load_batches(model: str, batch_size: int, seq_len: int, original: bool = False
+                 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask, labels) of the first N_BATCHES full batch_size x seq_len batches of the
+    trainer's first epoch (fastdistil.train's pipeline and seed; for a masked LM its masking). Length grouping
+    also yields shorter batches; skipping them gives every round the same work, so that the median of a few
+    rounds is the time of a step. Labels: fastdistil's, or with `original` the original distiller's (they
+    differ for a causal LM only: the distiller shifts its labels inside the step)."""
+    if original and not ROWS[model].causal:
+        return load_batches(model, batch_size, seq_len)  # the same masked batches, not a second draw
+    cfg = TrainConfig()
+    tokenizer, sequences = tokenized_corpus(seq_len)
+    if ROWS[model].causal:
+        shift = data.CausalShift()
+
+        def label(ids, mask, generator):
+            return (ids, Distiller.prepare_batch_clm(ids, mask)) if original else shift(ids, mask)
+    else:
+        label = data.DynamicMasker(
+            data.masking_probabilities(sequences, len(tokenizer), tokenizer.all_special_ids, cfg.mlm_smoothing),
+            tokenizer.mask_token_id, len(tokenizer), cfg.mlm_prob)
     full = []
     epoch = data.batches(sequences, batch_size, cfg.seed, 0, tokenizer.pad_token_id)
     for index, (ids, mask) in enumerate(epoch):
         if ids.shape == (batch_size, seq_len):
-            masked, labels = masker(ids, mask, data.rng(cfg.seed, 0, index))
-            full.append((masked, mask, labels))
+            inputs, labels = label(ids, mask, data.rng(cfg.seed, 0, index))
+            full.append((inputs, mask, labels))
             if len(full) == N_BATCHES:
                 break
     return full
 
 
 @functools.lru_cache(maxsize=None)
-def batches_on(device: torch.device, batch_size: int, seq_len: int) -> list[tuple[torch.Tensor, ...]]:
-    return [tuple(t.to(device) for t in batch) for batch in load_batches(batch_size, seq_len)]
+def batches_on(device: torch.device, model: str, batch_size: int, seq_len: int, original: bool = False
+               ) -> list[tuple[torch.Tensor, ...]]:
+    return [tuple(t.to(device) for t in batch) for batch in load_batches(model, batch_size, seq_len, original)]
 
 
 @functools.lru_cache(maxsize=None)
-def make_teacher(tiny: bool, device: torch.device) -> BertForMaskedLM:
+def make_teacher(model: str, tiny: bool, device: torch.device) -> torch.nn.Module:
     """The same seeded weights on any device: built on CPU, then moved."""
+    row = ROWS[model]
     torch.manual_seed(SEED)
-    config = BertConfig(vocab_size=VOCAB, layer_norm_eps=1e-12, **(TINY_TEACHER if tiny else {}))
-    return BertForMaskedLM(config).eval().requires_grad_(False).to(device)
+    config = row.config(**(row.tiny if tiny else {}))
+    return row.model_class(config).eval().requires_grad_(False).to(device)
 
 
-def make_step(provider: str, precision: str, student, teacher, warmup: float = TrainConfig.warmup):
+def loss_config(teacher, **settings) -> TrainConfig:
+    """fastdistil.train's config for the teacher's family (its LM weight filled in as the trainer fills it),
+    from which both sides take the loss weights."""
+    return for_family(TrainConfig(**settings), family_of(teacher), teacher.config)
+
+
+def make_step(model: str, provider: str, precision: str, student, teacher, warmup: float = TrainConfig.warmup):
     """(the callable that runs one optimizer step of `provider` on a batch and returns the loss, its
     GradScaler or None)."""
     amp_dtype = PRECISIONS[precision]
     if provider == "distiller":
-        distiller = Distiller(student, teacher, SCHEDULE_STEPS, learning_rate=RECIPE_LR, warmup_prop=warmup,
-                              amp_dtype=amp_dtype)
+        cfg = loss_config(teacher)
+        distiller = Distiller(student, teacher, SCHEDULE_STEPS, mlm=not ROWS[model].causal,
+                              temperature=cfg.temperature, alpha_ce=cfg.alpha_ce, alpha_mlm=cfg.alpha_mlm,
+                              alpha_clm=cfg.alpha_clm, alpha_mse=cfg.alpha_mse, alpha_cos=cfg.alpha_cos,
+                              learning_rate=RECIPE_LR, warmup_prop=warmup, amp_dtype=amp_dtype)
 
         def distiller_step(batch):
             distiller.step(*batch)
@@ -155,14 +235,15 @@ def make_step(provider: str, precision: str, student, teacher, warmup: float = T
         return distiller_step, distiller.scaler
 
     if provider == "matmul_floor":
-        distiller_step, _ = make_step("distiller", precision, student, teacher, warmup)
+        distiller_step, _ = make_step(model, "distiller", precision, student, teacher, warmup)
         device = next(student.parameters()).device
-        return matmul_floor.Replay(matmul_floor.record(distiller_step, batches_on(device, *BATCH)[0])), None
+        first = batches_on(device, model, *BATCH, original=True)[0]
+        return matmul_floor.Replay(matmul_floor.record(distiller_step, first)), None
 
     if provider not in LOSS_OF:
         raise ValueError(f"unknown provider {provider!r}")
     # fastdistil.train's optimizer, schedule and loss, with its defaults (the recipe's).
-    cfg = TrainConfig(precision=precision, warmup=warmup, loss=LOSS_OF[provider], lr=RECIPE_LR)
+    cfg = loss_config(teacher, precision=precision, warmup=warmup, loss=LOSS_OF[provider], lr=RECIPE_LR)
     optimizer = make_optimizer(student, cfg.lr, cfg.weight_decay, cfg.adam_eps)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(cfg.warmup * SCHEDULE_STEPS),
                                                 SCHEDULE_STEPS)
@@ -211,17 +292,18 @@ def synchronized(step):
     return step_and_wait
 
 
-def test_distiller_step_matches_fastdistil():
+@pytest.mark.parametrize("model", ROWS)
+def test_distiller_step_matches_fastdistil(model):
     """The baseline computes what fastdistil computes: two steps of each from the same weights on the same
-    batches give the same losses and the same updated weights (fp32, tiny models). Dropout is the one random
-    part of a step, so both students run in eval mode here."""
-    teacher = make_teacher(True, CPU)
-    batches = load_batches(*TINY_BATCH)[:2]
+    batches (each side's labels) give the same losses and the same updated weights (fp32, tiny models).
+    Dropout is the one random part of a step, so both students run in eval mode here."""
+    teacher = make_teacher(model, True, CPU)
     initial = {name: p.clone() for name, p in make_student(teacher).named_parameters()}
     losses, weights = {}, {}
     for provider in ("distiller", "fastdistil"):
+        batches = load_batches(model, *TINY_BATCH, original=provider in ORIGINAL_PROVIDERS)[:2]
         student = make_student(teacher).eval()
-        step, _ = make_step(provider, "fp32", student, teacher, warmup=0.0)  # lr > 0 from the first step
+        step, _ = make_step(model, provider, "fp32", student, teacher, warmup=0.0)  # lr > 0 from the first step
         losses[provider] = [float(step(batch)) for batch in batches]
         weights[provider] = {name: p.detach() for name, p in student.named_parameters()}
 
@@ -236,13 +318,13 @@ def test_distiller_step_matches_fastdistil():
                                    msg=lambda m, name=name: f"{name} after two steps: {m}")
 
 
-@pytest.mark.parametrize("precision,provider", CASES, ids=[f"{prec}-{prov}" for prec, prov in CASES])
-def test_train_step(benchmark, copy_bandwidth, precision, provider):
-    teacher = make_teacher(TINY, DEVICE)
+@pytest.mark.parametrize("model,precision,provider", CASES, ids=[case_id(*case) for case in CASES])
+def test_train_step(benchmark, copy_bandwidth, model, precision, provider):
+    teacher = make_teacher(model, TINY, DEVICE)
     student = make_student(teacher).to(DEVICE).train()  # every provider starts from the teacher's weights
-    step, scaler = make_step(provider, precision, student, teacher)
+    step, scaler = make_step(model, provider, precision, student, teacher)
     timed = synchronized(step) if CUDA else step
-    batches = itertools.cycle(batches_on(DEVICE, *BATCH))
+    batches = itertools.cycle(batches_on(DEVICE, model, *BATCH, original=provider in ORIGINAL_PROVIDERS))
     scaling = scaler is not None and scaler.is_enabled()
     if scaling:
         settle_steps = settle_loss_scale(timed, scaler, batches)
@@ -255,7 +337,7 @@ def test_train_step(benchmark, copy_bandwidth, precision, provider):
         return (batch,), {}
 
     rounds = ROUNDS[precision]
-    benchmark.group = f"train_step {DEVICE.type} {precision}"
+    benchmark.group = f"train_step {model} {DEVICE.type} {precision}"
     with CpuContention() as contention:
         benchmark.pedantic(timed, setup=next_batch, rounds=rounds, warmup_rounds=WARMUP_ROUNDS, iterations=1)
     # Other processes' share of the CPUs while this ran: timings taken on a busy machine are not the step's.
@@ -267,15 +349,15 @@ def test_train_step(benchmark, copy_bandwidth, precision, provider):
     tokens_per_batch = statistics.mean(tokens[-rounds:])
     stats = benchmark.stats.stats if benchmark.stats else None  # None under --benchmark-disable
     benchmark.extra_info.update(
-        **device_facts(DEVICE), precision=precision, provider=provider, tiny=TINY,
-        batch_size=BATCH[0], seq_len=BATCH[1],
+        **device_facts(DEVICE), model=model, precision=precision, provider=provider, tiny=TINY,
+        batch_size=BATCH[0], seq_len=BATCH[1], vocab_size=teacher.config.vocab_size,
         tokens_per_batch=tokens_per_batch,
         tokens_per_s=tokens_per_batch / stats.median if stats else None,
         peak_extra_mb=peak / 1e6,
         teacher_params=sum(p.numel() for p in teacher.parameters()),
         student_params=sum(p.numel() for p in student.parameters()),
         teacher_layers=teacher.config.num_hidden_layers,
-        student_layers=student.config.n_layers,
+        student_layers=student.config.num_hidden_layers,  # the generic name: n_layers in DistilBERT, n_layer in GPT-2
         hidden_size=teacher.config.hidden_size,
         copy_bandwidth_bytes_per_s=copy_bandwidth,
         torch_threads=torch.get_num_threads(),

@@ -58,3 +58,24 @@ def corpus(tmp_path_factory):
     from training_runs import write_corpus
 
     return write_corpus(tmp_path_factory.mktemp("corpus") / "docs.txt")
+
+
+def _family_dir(path, family):
+    """A tiny random teacher of the family saved beside its byte-level tokenizer (tests/helpers.py)."""
+    from helpers import byte_level_tokenizer, tiny_teacher
+
+    tiny_teacher(family).save_pretrained(path)
+    byte_level_tokenizer(family).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory):
+    """A tiny random GPT2LMHeadModel with a GPT-2-style byte-level tokenizer."""
+    return _family_dir(tmp_path_factory.mktemp("gpt2"), "gpt2")
+
+
+@pytest.fixture(scope="session")
+def roberta_dir(tmp_path_factory):
+    """A tiny random RobertaForMaskedLM with a RoBERTa-style byte-level tokenizer."""
+    return _family_dir(tmp_path_factory.mktemp("roberta"), "roberta")

@@ -54,6 +54,7 @@ TENSOR_CASES = [
 SCALAR_CASES = [
     ("temperature", 0.0), ("temperature", -1.0), ("temperature", float("nan")), ("temperature", float("inf")),
     ("alpha_ce", -1.0), ("alpha_mlm", -1e-3), ("alpha_cos", float("nan")), ("alpha_ce", float("inf")),
+    ("alpha_mse", -1.0), ("alpha_mse", float("nan")), ("alpha_mse", float("inf")),
 ]
 
 

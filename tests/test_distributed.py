@@ -7,13 +7,18 @@ import torch
 from safetensors.torch import load_file
 
 from fastdistil import train
+from helpers import TINY_POSITIONS
 from training_runs import args, launch, metrics_of
 
 TIMEOUT_S = 300
 
 
-@pytest.mark.parametrize("weighting", [[], ["--token-weighted"]], ids=["mean", "token-weighted"])
-def test_two_processes_equal_one_process_with_grad_accum_2(teacher_dir, corpus, tmp_path, weighting):
+@pytest.mark.parametrize("family, weighting", [("bert", []), ("bert", ["--token-weighted"]), ("gpt2", [])],
+                         ids=["mean", "token-weighted", "gpt2"])
+def test_two_processes_equal_one_process_with_grad_accum_2(request, corpus, tmp_path, family, weighting):
+    teacher_dir = request.getfixturevalue("teacher_dir" if family == "bert" else "gpt2_dir")
+    # The tiny GPT-2 teacher's positions end at TINY_POSITIONS.
+    weighting = [*weighting, "--max-seq-len", str(TINY_POSITIONS)] if family == "gpt2" else weighting
     one, two = tmp_path / "one", tmp_path / "two"
     train.main(train.parse_args(args(teacher_dir, corpus, one, "--max-steps", "3", "--grad-accum", "2", *weighting)))
     proc = launch(args(teacher_dir, corpus, two, "--max-steps", "3", "--grad-accum", "1", *weighting),
@@ -23,7 +28,7 @@ def test_two_processes_equal_one_process_with_grad_accum_2(teacher_dir, corpus, 
     summary = json.loads((two / "summary.json").read_text())
     assert (summary["world_size"], summary["effective_batch"]) == (2, 8)
     for a, b in zip(metrics_of(two), metrics_of(one), strict=True):
-        for key in ("loss", "loss_ce", "loss_mlm", "loss_cos", "grad_norm"):
+        for key in ("loss", "loss_ce", "loss_clm" if family == "gpt2" else "loss_mlm", "loss_cos", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
     weights_two = load_file(two / "student" / "model.safetensors")
     for name, tensor in load_file(one / "student" / "model.safetensors").items():

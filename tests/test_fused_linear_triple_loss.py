@@ -15,6 +15,7 @@ OPS = torch.ops.fastdistil
 V, D, H = 301, 16, 8  # V odd: no chunk or vector width divides it
 GRAD_OUTPUT = 1.7
 DIFFERENTIABLE = ("student_input", "student_weight", "student_bias", "student_hidden")
+ALPHA_MSE = 0.05  # the logit MSE of these 301-entry rows is ~3e3: this keeps it beside the other terms
 
 
 def make_inputs(lead=(3, 23), dtype=torch.float32, bias=True, pad_from=17, seed=0, vocab=V, dim=D):
@@ -69,12 +70,14 @@ def fused(inputs, **kwargs):
     return fused_linear_triple_loss(**inputs, **kwargs)
 
 
+@pytest.mark.parametrize("alpha_mse", [0.0, ALPHA_MSE])
 @pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
 @pytest.mark.parametrize("chunk_size", [0, 7, 32, 1000], ids=lambda c: f"chunk{c}")
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_matches_the_materialized_float64_reference(restrict, chunk_size, bias):
+def test_matches_the_materialized_float64_reference(restrict, chunk_size, bias, alpha_mse):
     inputs = make_inputs(bias=bias)
-    kwargs = dict(temperature=1.5, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, restrict_ce_to_mask=restrict)
+    kwargs = dict(temperature=1.5, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, restrict_ce_to_mask=restrict,
+                  alpha_mse=alpha_mse)
     terms, grads = terms_and_grads(fused, cast(inputs, torch.float32), chunk_size=chunk_size, **kwargs)
     terms64, grads64 = terms_and_grads(project_then_loss, cast(inputs, torch.float64), **kwargs)
     for name, a, e in zip(TERMS, terms, terms64):
@@ -85,11 +88,12 @@ def test_matches_the_materialized_float64_reference(restrict, chunk_size, bias):
         assert_close(a, e, FP32_GRAD_RTOL, name)
 
 
-def test_bf16_error_is_within_twice_pytorchs():
+@pytest.mark.parametrize("alpha_mse", [0.0, ALPHA_MSE])
+def test_bf16_error_is_within_twice_pytorchs(alpha_mse):
     inputs = make_inputs()
-    terms, grads = terms_and_grads(fused, cast(inputs, torch.bfloat16))
-    truth = terms_and_grads(project_then_loss, cast(inputs, torch.float64))
-    pytorch = terms_and_grads(project_then_loss, cast(inputs, torch.bfloat16))
+    terms, grads = terms_and_grads(fused, cast(inputs, torch.bfloat16), alpha_mse=alpha_mse)
+    truth = terms_and_grads(project_then_loss, cast(inputs, torch.float64), alpha_mse=alpha_mse)
+    pytorch = terms_and_grads(project_then_loss, cast(inputs, torch.bfloat16), alpha_mse=alpha_mse)
     for name, a, p, e in zip(TERMS + DIFFERENTIABLE, terms + grads, pytorch[0] + pytorch[1], truth[0] + truth[1]):
         assert_within_pytorch_error(a.float(), p.float(), e, name, floor=1e-2)
 
@@ -103,23 +107,25 @@ def triton_chunks(monkeypatch):
     monkeypatch.setattr(module, "chunk_loss_for", lambda device: module._triton_chunk_loss)
 
 
+@pytest.mark.parametrize("alpha_mse", [0.0, ALPHA_MSE])
 @pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
-def test_the_chunk_loop_with_the_triton_loss_kernel(triton_chunks, restrict):
+def test_the_chunk_loop_with_the_triton_loss_kernel(triton_chunks, restrict, alpha_mse):
     inputs = make_inputs(lead=(4, 20), pad_from=14)
     inputs["attention_mask"][1] = 0  # a whole chunk of padding
     inputs["labels"][1] = -100
-    kwargs = dict(temperature=2.0, restrict_ce_to_mask=restrict)
+    kwargs = dict(temperature=2.0, restrict_ce_to_mask=restrict, alpha_mse=alpha_mse)
     terms, grads = terms_and_grads(fused, cast(inputs, torch.float32), chunk_size=16, **kwargs)
     terms64, grads64 = terms_and_grads(project_then_loss, cast(inputs, torch.float64), **kwargs)
     for name, a, e in zip(TERMS + DIFFERENTIABLE, terms + grads, terms64 + grads64):
         assert_close(a, e, FP32_GRAD_RTOL, name)
 
 
-def test_the_chunk_loop_with_the_triton_loss_kernel_in_fp16(triton_chunks):
+@pytest.mark.parametrize("alpha_mse", [0.0, ALPHA_MSE])
+def test_the_chunk_loop_with_the_triton_loss_kernel_in_fp16(triton_chunks, alpha_mse):
     inputs = make_inputs()
-    terms, grads = terms_and_grads(fused, cast(inputs, torch.float16), chunk_size=32)
-    truth = terms_and_grads(project_then_loss, cast(inputs, torch.float64))
-    pytorch = terms_and_grads(project_then_loss, cast(inputs, torch.float16))
+    terms, grads = terms_and_grads(fused, cast(inputs, torch.float16), chunk_size=32, alpha_mse=alpha_mse)
+    truth = terms_and_grads(project_then_loss, cast(inputs, torch.float64), alpha_mse=alpha_mse)
+    pytorch = terms_and_grads(project_then_loss, cast(inputs, torch.float16), alpha_mse=alpha_mse)
     for name, a, p, e in zip(TERMS + DIFFERENTIABLE, terms + grads, pytorch[0] + pytorch[1], truth[0] + truth[1]):
         assert_within_pytorch_error(a.float(), p.float(), e, name, floor=1e-3)
 
@@ -145,6 +151,28 @@ def test_fp16_gradients_under_a_grad_scaler(request, chunks):
         ours, theirs = (statistic(errors).item() for errors in row_errors)
         assert ours <= 2 * theirs, (f"student_weight: {statistic.__name__} relative error of a row {ours:.2e}, "
                                     f"PyTorch's {theirs:.2e}")
+
+
+@pytest.mark.parametrize("chunks", ["cpp", "triton"])
+def test_fp16_chunks_whose_mse_gradient_needs_a_smaller_power_of_two(request, chunks):
+    """fp16 with alpha_mse: each chunk's gradient is stored with the power of two its own logits allow
+    (kernels/gradient_scale.py), here the two chunks holding a sequence whose teacher logits reach ~3000 beside
+    two whose stay below ~10, and the folds of every chunk are brought to one scale: the gradients match
+    projecting in fp16 and running the reference by the 2x rule (a fold left at its chunk's scale is off by a
+    power of two, up to 2^8 here, and a power of two blind to the MSE term stores the first chunks' entries as
+    inf)."""
+    if chunks == "triton":
+        request.getfixturevalue("triton_chunks")
+    inputs = make_inputs(lead=(4, 23))
+    inputs["teacher_input"][1] *= 300.0  # rows 18-35 of the 72 kept: chunks 0 and 1 of 23
+    kwargs = dict(alpha_mse=0.5, chunk_size=23)
+    _, grads = terms_and_grads(fused, cast(inputs, torch.float16), 1.0, **kwargs)
+    kwargs.pop("chunk_size")
+    _, pytorch = terms_and_grads(functools.partial(project_then_loss, loss=fastdistil.triple_loss_reference),
+                                 cast(inputs, torch.float16), 1.0, **kwargs)
+    _, truth = terms_and_grads(project_then_loss, cast(inputs, torch.float64), 1.0, **kwargs)
+    for name, a, p, e in zip(DIFFERENTIABLE, grads, pytorch, truth):
+        assert_within_pytorch_error(a.float(), p.float(), e, name, floor=1e-3)
 
 
 @pytest.mark.cuda
@@ -218,8 +246,11 @@ def test_opcheck(requires_grad):
     args = tuple(v.detach().requires_grad_(requires_grad and k in DIFFERENTIABLE) if v is not None and
                  v.is_floating_point() else v for k, v in inputs.items())
     torch.library.opcheck(OPS.fused_linear_triple_loss.default, args + (2.0, 5.0, 2.0, 1.0, False, 5))
+    torch.library.opcheck(OPS.fused_linear_triple_loss.default, args + (2.0, 5.0, 2.0, 1.0, True, 5, ALPHA_MSE))
     if not requires_grad:  # the forward's autograd scales its gradient outputs in place: public op only
         torch.library.opcheck(OPS._fused_linear_triple_loss_forward.default, args + (2.0, 5.0, 2.0, 1.0, True, 0))
+        torch.library.opcheck(OPS._fused_linear_triple_loss_forward.default,
+                              args + (2.0, 5.0, 2.0, 1.0, False, 4, ALPHA_MSE))
 
 
 @pytest.mark.parametrize("change, match", [
@@ -233,6 +264,8 @@ def test_opcheck(requires_grad):
     (dict(attention_mask=torch.ones(3, 23)), "attention_mask must be bool or integer"),
     (dict(temperature=0.0), "temperature must be > 0"),
     (dict(alpha_mlm=-1.0), "alpha_mlm must be >= 0"),
+    (dict(alpha_mse=-1.0), "alpha_mse must be >= 0"),
+    (dict(alpha_mse=float("nan")), "alpha_mse must be >= 0"),
     (dict(chunk_size=-1), "chunk_size must be >= 0"),
 ])
 def test_bad_input_names_the_argument(change, match):

@@ -28,14 +28,15 @@ def loss_inputs(op: str) -> dict:
                 teacher_weight=torch.randn(V, D, generator=gen), teacher_bias=torch.randn(V, generator=gen), **common)
 
 
-SCALARS = dict(temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0)
+SCALARS = dict(temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, alpha_mse=0.5)
 FIRST = {"triple_loss": "student_logits", "fused_linear_triple_loss": "student_input"}
 
 
 def call(op: str, via: str, tensors: dict, scalars: dict):
     if via == "python":
         return getattr(fastdistil, op)(**tensors, **scalars)
-    return getattr(OPS, op)(*tensors.values(), *scalars.values())
+    # by name: alpha_mse comes after options that differ between the ops' schemas
+    return getattr(OPS, op)(*tensors.values(), **scalars)
 
 
 # (id, what breaks, the exception, the words after "<op>: "; {first} is the op's first tensor argument).
@@ -54,6 +55,8 @@ LOSS_CASES = [
     ("nan-alpha", dict(alpha_ce=math.nan), ValueError, "alpha_ce must be >= 0 and finite, got nan"),
     ("infinite-alpha", dict(alpha_mlm=math.inf), ValueError, "alpha_mlm must be >= 0 and finite, got inf"),
     ("negative-alpha", dict(alpha_cos=-1.0), ValueError, "alpha_cos must be >= 0 and finite, got -1.0"),
+    ("negative-alpha-mse", dict(alpha_mse=-1.0), ValueError, "alpha_mse must be >= 0 and finite, got -1.0"),
+    ("nan-alpha-mse", dict(alpha_mse=math.nan), ValueError, "alpha_mse must be >= 0 and finite, got nan"),
 ]
 
 
@@ -156,11 +159,47 @@ def test_the_fused_linear_cosine_term_is_the_triple_losss_and_exact_at_large_nor
 
 def test_the_module_forms_compute_what_the_functions_do():
     inputs = loss_inputs("fused_linear_triple_loss")
-    module = fastdistil.FusedLinearTripleLoss(temperature=1.5, alpha_cos=0.5, chunk_size=4)
-    expected = fastdistil.fused_linear_triple_loss(**inputs, temperature=1.5, alpha_cos=0.5, chunk_size=4)
-    for a, b in zip(module(*inputs.values()), expected):
+    module = fastdistil.FusedLinearTripleLoss(temperature=1.5, alpha_cos=0.5, chunk_size=4, alpha_mse=0.25)
+    expected = fastdistil.fused_linear_triple_loss(**inputs, temperature=1.5, alpha_cos=0.5, chunk_size=4,
+                                                   alpha_mse=0.25)
+    out = module(*inputs.values())
+    assert len(out) == len(expected) == 5
+    for a, b in zip(out, expected):
         assert torch.equal(a, b)
-    assert "chunk_size=4" in repr(module) and "temperature=1.5" in repr(module)
+    assert "chunk_size=4" in repr(module) and "temperature=1.5" in repr(module) and "alpha_mse=0.25" in repr(module)
+
+
+def project(tensors: dict) -> dict:
+    """The triple loss's inputs from the fused loss's: both models' logits projected."""
+    logits = {f"{role}_logits": tensors[f"{role}_input"] @ tensors[f"{role}_weight"].t() + tensors[f"{role}_bias"]
+              for role in ("student", "teacher")}
+    return {**logits, **{k: tensors[k] for k in ("labels", "student_hidden", "teacher_hidden", "attention_mask")}}
+
+
+@pytest.mark.parametrize("op", ["triple_loss", "triple_loss_out", "fused_linear_triple_loss"])
+def test_the_public_ops_keep_four_outputs_and_their_loss_includes_the_mse(op):
+    """Callers that unpack (loss, loss_ce, loss_mlm, loss_cos), with the positional arguments they passed before
+    alpha_mse existed, keep working; with alpha_mse, loss is the Python API's five-term loss."""
+    fused = op == "fused_linear_triple_loss"
+    tensors = loss_inputs("fused_linear_triple_loss")
+    args = tuple(tensors.values()) if fused else tuple(project(tensors).values())
+    old_style = (2.0, 5.0, 2.0, 1.0, False) + ((0,) if fused else ())  # ..., restrict_ce_to_mask[, chunk_size]
+    api = fastdistil.fused_linear_triple_loss(**tensors) if fused else fastdistil.triple_loss(**project(tensors))
+    api_mse = (fastdistil.fused_linear_triple_loss(**tensors, alpha_mse=0.5) if fused
+               else fastdistil.triple_loss(**project(tensors), alpha_mse=0.5))
+    assert api_mse.loss_mse > 0 and torch.equal(api_mse.loss_mse, api.loss_mse)
+    for with_mse, expected in ((False, api), (True, api_mse)):
+        scalars = old_style + ((0.5,) if with_mse else ())
+        if op == "triple_loss_out":
+            buffers = dict(grad_student_logits=torch.empty_like(args[0]), grad_student_hidden=torch.empty_like(args[3]))
+            out = OPS.triple_loss_out(*args, *scalars, **buffers)
+        else:
+            out = getattr(OPS, op)(*args, *scalars)
+        loss, loss_ce, loss_mlm, loss_cos = out
+        for name, a in zip(("loss", "loss_ce", "loss_mlm", "loss_cos"), out):
+            torch.testing.assert_close(a, getattr(expected, name).detach(), rtol=1e-6, atol=0, msg=name)
+        weighted = 5.0 * loss_ce + 2.0 * loss_mlm + loss_cos + (0.5 * api.loss_mse if with_mse else 0.0)
+        torch.testing.assert_close(loss, weighted.detach(), rtol=1e-6, atol=0)
 
 
 def test_projection_inputs_is_public():

@@ -18,11 +18,11 @@ OPS = torch.ops.fastdistil
 TEMPERATURE = 1.5
 
 
-def small_args(requires_grad):
+def small_args(requires_grad, alpha_mse=0.0):
     inputs = map_tensors(torch.Tensor.detach, make_inputs((2, 5), 37, dim=8, label_frac=0.3))
     inputs.student_logits.requires_grad_(requires_grad)
     inputs.student_hidden.requires_grad_(requires_grad)
-    return inputs._replace(temperature=TEMPERATURE)
+    return inputs._replace(temperature=TEMPERATURE, alpha_mse=alpha_mse)
 
 
 @pytest.mark.parametrize("op, requires_grad", [
@@ -30,14 +30,16 @@ def small_args(requires_grad):
     (OPS.triple_loss.default, False),
     (OPS.triple_loss.default, True),
 ], ids=["forward-no-grad", "public-no-grad", "public-grad"])
-def test_opcheck(op, requires_grad):
+@pytest.mark.parametrize("alpha_mse", [0.0, 0.05], ids=["no-mse", "mse"])
+def test_opcheck(op, requires_grad, alpha_mse):
     # _triple_loss_forward's autograd scales its own gradient outputs in place, so with requires_grad it is only
     # checked through the public op, which never exposes them.
-    torch.library.opcheck(op, small_args(requires_grad))
+    torch.library.opcheck(op, small_args(requires_grad, alpha_mse))
 
 
-def test_opcheck_out_variant():
-    args = small_args(False)
+@pytest.mark.parametrize("alpha_mse", [0.0, 0.05], ids=["no-mse", "mse"])
+def test_opcheck_out_variant(alpha_mse):
+    args = small_args(False, alpha_mse)
     buffers = dict(grad_student_logits=torch.empty_like(args.student_logits),
                    grad_student_hidden=torch.empty_like(args.student_hidden))
     torch.library.opcheck(OPS.triple_loss_out.default, args, buffers)

@@ -23,7 +23,7 @@ def problems(draw):
         pad_frac=draw(st.sampled_from([0.0, 0.3, 1.0])), label_frac=draw(st.sampled_from([0.0, 0.15, 1.0])),
         labels_on_padding=draw(st.booleans()))
     kwargs = dict(temperature=draw(temperatures), alpha_ce=draw(alphas), alpha_mlm=draw(alphas),
-                  alpha_cos=draw(alphas), restrict_ce_to_mask=draw(st.booleans()))
+                  alpha_cos=draw(alphas), restrict_ce_to_mask=draw(st.booleans()), alpha_mse=draw(alphas) / 100)
     return inputs, kwargs
 
 
@@ -40,6 +40,7 @@ def test_term_ranges(problem):
     assert out.loss_ce.item() >= -1e-5  # a KL divergence, up to rounding
     assert out.loss_mlm.item() >= 0.0
     assert -1e-6 <= out.loss_cos.item() <= 2.0 + 1e-6
+    assert out.loss_mse.item() >= 0.0
 
 
 @given(problems())
@@ -48,7 +49,7 @@ def test_identical_student_and_teacher_give_zero_kl(problem):
     inputs = inputs._replace(teacher_logits=inputs.student_logits.detach().clone(),
                              teacher_hidden=inputs.student_hidden.detach() * 3.0)  # same direction, so 1 - cos = 0 too
     out = cpp(*inputs._replace(**kwargs))
-    assert abs(out.loss_ce.item()) <= 1e-5 and abs(out.loss_cos.item()) <= 1e-5
+    assert abs(out.loss_ce.item()) <= 1e-5 and abs(out.loss_cos.item()) <= 1e-5 and out.loss_mse.item() == 0.0
 
 
 def exactly_shiftable(x):
@@ -60,27 +61,28 @@ def exactly_shiftable(x):
 @given(problems(), st.integers(0, 2**31), st.sampled_from(["student_logits", "teacher_logits"]))
 def test_invariant_to_per_row_shifts(problem, seed, which):
     inputs, kwargs = problem
+    kwargs = dict(kwargs, alpha_mse=0.0)  # the logit MSE, unlike the softmaxes, sees a shift of one model's row
     inputs = inputs._replace(student_logits=exactly_shiftable(inputs.student_logits).requires_grad_(),
                              teacher_logits=exactly_shiftable(inputs.teacher_logits))
     # up to +-4096: without subtracting the row maximum, exp would overflow
     shift = torch.randint(-4096, 4097, inputs.labels.shape + (1,), generator=torch.Generator().manual_seed(seed))
     shifted = inputs._replace(
         **{which: (getattr(inputs, which).detach() + shift.float()).requires_grad_(which == "student_logits")})
-    (_, ce, mlm, _), (grad, _) = loss_and_grads(cpp, inputs, **kwargs)
-    (_, ce_s, mlm_s, _), (grad_s, _) = loss_and_grads(cpp, shifted, **kwargs)
-    assert_close(ce_s, ce, 1e-5, "loss_ce")
-    assert_close(mlm_s, mlm, 1e-5, "loss_mlm")
+    terms, (grad, _) = loss_and_grads(cpp, inputs, **kwargs)
+    terms_s, (grad_s, _) = loss_and_grads(cpp, shifted, **kwargs)
+    assert_close(terms_s.loss_ce, terms.loss_ce, 1e-5, "loss_ce")
+    assert_close(terms_s.loss_mlm, terms.loss_mlm, 1e-5, "loss_mlm")
     assert_close(grad_s, grad, 1e-5, "grad_student_logits")
 
 
 @given(problems(), st.floats(0.0, 10.0))
 def test_loss_is_linear_in_the_alphas(problem, k):
     inputs, kwargs = problem
-    scaled = dict(kwargs, **{a: k * kwargs[a] for a in ("alpha_ce", "alpha_mlm", "alpha_cos")})
+    scaled = dict(kwargs, **{a: k * kwargs[a] for a in ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_mse")})
     terms, grads = loss_and_grads(cpp, inputs, **kwargs)
     terms_k, grads_k = loss_and_grads(cpp, inputs, **scaled)
     assert_close(terms_k.loss, k * terms.loss, 1e-5, "loss")
-    for name in ("loss_ce", "loss_mlm", "loss_cos"):
+    for name in ("loss_ce", "loss_mlm", "loss_cos", "loss_mse"):
         assert_close(getattr(terms_k, name), getattr(terms, name), 1e-6, name)
     for name, a, b in zip(GRADS, grads_k, grads):
         assert_close(a, k * b, 1e-5, name)

@@ -1,21 +1,20 @@
-"""The student's architecture and its initialization from the teacher, checked against transformers' models."""
+"""The student's architecture and its initialization from the teacher, checked against transformers' models.
+What differs between the families (key lists, logits, ties, export) is tested in test_families.py."""
 
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, DistilBertForMaskedLM
+from helpers import tiny_teacher
+from transformers import DistilBertForMaskedLM
 
-from fastdistil.train.student import make_student
+from fastdistil.train import heads
+from fastdistil.train.families import family_of
+from fastdistil.train.student import default_student_layers, make_student
 
-
-def tiny_teacher(layers=12, seed=0):
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=40)
-    return BertForMaskedLM(config).eval()
+FAMILIES = ("bert", "roberta", "gpt2")
 
 
 def test_twelve_layer_teacher_gives_the_original_layer_choice():
-    teacher = tiny_teacher()
+    teacher = tiny_teacher("bert", n_layers=12)
     student = make_student(teacher)
     assert isinstance(student, DistilBertForMaskedLM)
     assert student.config.n_layers == 6 and student.config.dim == 32 and student.config.n_heads == 4
@@ -38,7 +37,7 @@ def test_twelve_layer_teacher_gives_the_original_layer_choice():
 
 
 def test_embeddings_and_mlm_head_are_copied_and_the_projector_stays_tied():
-    teacher = tiny_teacher()
+    teacher = tiny_teacher("bert", n_layers=12)
     student = make_student(teacher)
     emb_s, emb_t = student.distilbert.embeddings, teacher.bert.embeddings
     assert torch.equal(emb_s.word_embeddings.weight, emb_t.word_embeddings.weight)
@@ -52,24 +51,10 @@ def test_embeddings_and_mlm_head_are_copied_and_the_projector_stays_tied():
     assert not hasattr(emb_s, "token_type_embeddings")
 
 
-def test_a_full_copy_computes_the_teachers_logits():
-    # With every layer kept and BERT's token-type embedding zeroed (DistilBERT has none), the student is the
-    # teacher: the same logits from transformers' own forward passes.
-    teacher = tiny_teacher(layers=3)
-    with torch.no_grad():
-        teacher.bert.embeddings.token_type_embeddings.weight.zero_()
-    student = make_student(teacher, student_layers=(0, 1, 2)).eval()
-    ids = torch.randint(0, 97, (2, 11))
-    mask = torch.ones(2, 11, dtype=torch.long)
-    mask[1, 7:] = 0
-    with torch.no_grad():
-        expected = teacher(input_ids=ids, attention_mask=mask).logits
-        actual = student(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], rtol=1e-5, atol=1e-5)
-
-
 def test_other_depths_take_every_other_layer():
-    teacher = tiny_teacher(layers=8)
+    assert default_student_layers(12) == (0, 2, 4, 7, 9, 11)
+    assert default_student_layers(8) == (0, 2, 4, 6) and default_student_layers(3) == (0, 2)
+    teacher = tiny_teacher("bert", n_layers=8)
     student = make_student(teacher)
     assert student.config.n_layers == 4
     for s_index, t_index in enumerate((0, 2, 4, 6)):
@@ -77,23 +62,55 @@ def test_other_depths_take_every_other_layer():
                            teacher.bert.encoder.layer[t_index].intermediate.dense.weight)
 
 
-def test_random_init_is_the_same_shape_with_fresh_weights():
-    teacher = tiny_teacher()
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_student_is_the_teachers_family_at_half_its_depth(name):
+    teacher = tiny_teacher(name, n_layers=12)
+    student = make_student(teacher)
+    family = family_of(teacher)
+    assert type(student) is family.student_class and student.config.num_hidden_layers == 6
+    assert student.config.hidden_size == teacher.config.hidden_size
+    assert student.config.vocab_size == teacher.config.vocab_size
+    assert family.max_positions(student.config) == family.max_positions(teacher.config)
+
+
+def head_transform(model):
+    """The MLM head's transform (dense and LayerNorm weights) of a BERT, DistilBERT or RoBERTa model."""
+    if hasattr(model, "lm_head"):
+        return [model.lm_head.dense.weight, model.lm_head.layer_norm.weight]
+    if hasattr(model, "cls"):
+        return [model.cls.predictions.transform.dense.weight, model.cls.predictions.transform.LayerNorm.weight]
+    return [model.vocab_transform.weight, model.vocab_layer_norm.weight]
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta"])
+def test_without_vocab_transform_the_heads_transform_starts_fresh(name):
+    # Perturbed: a fresh LayerNorm's ones (and a fresh bias's zeros) would equal an untrained teacher's.
+    teacher = tiny_teacher(name)
+    with torch.no_grad():
+        for w in [*head_transform(teacher), heads.projection(teacher).bias]:
+            w.add_(torch.randn_like(w))
+    copied, fresh = make_student(teacher), make_student(teacher, vocab_transform=False)
+    for c, f, t in zip(head_transform(copied), head_transform(fresh), head_transform(teacher)):
+        assert torch.equal(c, t) and not torch.equal(f, t)
+    # The projection bias is copied either way.
+    assert torch.equal(heads.projection(fresh).bias, heads.projection(teacher).bias)
+
+
+def test_gpt2_has_no_vocab_transform_to_leave_out():
+    teacher = tiny_teacher("gpt2")
+    a, b = make_student(teacher), make_student(teacher, vocab_transform=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_random_init_is_the_same_shape_with_fresh_weights(name):
+    teacher = tiny_teacher(name, n_layers=12)
     student = make_student(teacher, init="random")
     distilled = make_student(teacher)
+    assert type(student) is type(distilled)
     assert [p.shape for p in student.parameters()] == [p.shape for p in distilled.parameters()]
-    assert not torch.equal(student.distilbert.transformer.layer[0].ffn.lin1.weight,
-                           teacher.bert.encoder.layer[0].intermediate.dense.weight)
-
-
-def test_saved_student_loads_with_automodel_and_gives_the_same_logits(tmp_path):
-    student = make_student(tiny_teacher()).eval()
-    student.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").exists()
-    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
-    ids = torch.randint(0, 97, (2, 9))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, student(input_ids=ids).logits, rtol=0, atol=0)
+    assert not any(torch.equal(a, b) for a, b in zip(student.parameters(), distilled.parameters())
+                   if a.dim() == 2)  # matrices; LayerNorms start at ones and zeros either way
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -101,12 +118,13 @@ def test_saved_student_loads_with_automodel_and_gives_the_same_logits(tmp_path):
     (dict(student_layers=()), "student_layers"),
     (dict(init="pretrained"), "init"),
 ])
-def test_bad_arguments(kwargs, match):
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bad_arguments(name, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        make_student(tiny_teacher(), **kwargs)
+        make_student(tiny_teacher(name, n_layers=12), **kwargs)
 
 
 def test_a_teacher_that_is_not_a_bert_masked_lm_is_rejected():
-    not_bert = make_student(tiny_teacher())
+    not_bert = make_student(tiny_teacher("bert"))
     with pytest.raises(ValueError, match="teacher must be a BERT masked LM"):
         make_student(not_bert)

@@ -1,18 +1,20 @@
 """The CPU kernel (backend "cpp" / "auto") against the unfused reference: loss terms and both gradients."""
 
 import functools
+import math
 
 import pytest
 import torch
 
 import fastdistil
 from fastdistil import TripleLossArgs, _C
-from helpers import (FP32_GRAD_RTOL, FP32_LOSS_RTOL, GRADS, TERMS, assert_close, assert_within_pytorch_error,
-                     check_against_reference, check_fp16_under_loss_scale, loss_and_grads, make_inputs, map_tensors,
-                     reference64, tensors)
+from helpers import (FP32_GRAD_RTOL, FP32_LOSS_RTOL, GRADS, LOSS_SCALE, TERMS, assert_close,
+                     assert_within_pytorch_error, check_against_reference, check_fp16_under_loss_scale, loss_and_grads,
+                     make_inputs, map_tensors, reference64, tensors)
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 cpp = functools.partial(fastdistil.triple_loss, backend="cpp")
+ALPHA_MSE = 0.05  # the logit MSE of a 1001-entry row is ~7e3: this keeps it beside the other terms
 
 
 # 41 rows is odd and not a multiple of the kernel's 4-row grain; (3, 14) is the [B, L] layout with padding
@@ -38,8 +40,36 @@ def test_alphas(alphas, restrict):
         assert terms.loss.item() == 0.0
 
 
+@pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
+@pytest.mark.parametrize("alphas", [(5.0, 2.0, 1.0, ALPHA_MSE), (0.0, 0.0, 0.0, 1.0), (0.3, 1.7, 2.5, 1e-4)], ids=str)
+@pytest.mark.parametrize("temperature", [2.0, 1.5])
+@pytest.mark.parametrize("lead, vocab", [((41,), 30522), ((3, 14), 1001), ((1,), 1001)], ids=str)
+def test_logit_mse(lead, vocab, temperature, alphas, restrict):
+    """The original distiller's --alpha_mse term: every term, the loss and both gradients of the reference."""
+    alpha_ce, alpha_mlm, alpha_cos, alpha_mse = alphas
+    terms, _ = check_against_reference(cpp, make_inputs(lead, vocab, dim=40), temperature=temperature,
+                                       alpha_ce=alpha_ce, alpha_mlm=alpha_mlm, alpha_cos=alpha_cos,
+                                       alpha_mse=alpha_mse, restrict_ce_to_mask=restrict)
+    assert terms.loss_mse > 0
+
+
+@pytest.mark.parametrize("alpha_mse", [0.0, ALPHA_MSE])
+def test_loss_mse_is_computed_whatever_its_weight(alpha_mse):
+    """For logging, as the reference: loss_mse never depends on alpha_mse, only loss and the gradient do."""
+    inputs = make_inputs((3, 14), 1001)
+    terms, _ = check_against_reference(cpp, inputs, alpha_mse=alpha_mse)
+    assert torch.equal(terms.loss_mse, loss_and_grads(cpp, inputs, alpha_mse=0.5)[0].loss_mse)
+
+
 DTYPE_PAIRS = [(BF16, BF16), (BF16, FP32), (BF16, FP16), (FP16, FP16), (FP16, FP32), (FP16, BF16),
                (FP32, BF16), (FP32, FP16)]
+
+
+@pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
+@pytest.mark.parametrize("dtype, teacher_dtype", DTYPE_PAIRS, ids=lambda v: str(v).removeprefix("torch."))
+def test_logit_mse_in_low_precision(dtype, teacher_dtype, restrict):
+    inputs = make_inputs((3, 14), 1001, dtype=dtype, teacher_dtype=teacher_dtype)
+    check_against_reference(cpp, inputs, grad_output=2.0, alpha_mse=ALPHA_MSE, restrict_ce_to_mask=restrict)
 
 
 @pytest.mark.parametrize("temperature, restrict", [(2.0, False), (1.5, True)])
@@ -94,14 +124,15 @@ def test_many_rows(lead, vocab, dtype):
     check_against_reference(cpp, make_inputs(lead, vocab, dim=768, dtype=dtype), grad_output=2.0)
 
 
+@pytest.mark.parametrize("alpha_mse", [0.0, ALPHA_MSE])
 @pytest.mark.parametrize("temperature, vocab", [(1.0, 1001), (2.0, 13), (1.5, 1001), (4.0, 16)])
 @pytest.mark.parametrize("dtype", [FP32, BF16, FP16], ids=str)
 @pytest.mark.parametrize("cpu_isa", _C.supported_cpu_isas(), indirect=True)
-def test_every_cpu_isa(cpu_isa, dtype, temperature, vocab):
+def test_every_cpu_isa(cpu_isa, dtype, temperature, vocab, alpha_mse):
     # V = 13 is only a tail, V = 16 exactly one vector; D = 37 leaves a tail in the cosine rows too.
     assert _C.cpu_isa() == cpu_isa
     inputs = make_inputs((3, 7), vocab, dim=37, dtype=dtype, label_frac=0.5)
-    check_against_reference(cpp, inputs, grad_output=2.0, temperature=temperature)
+    check_against_reference(cpp, inputs, grad_output=2.0, temperature=temperature, alpha_mse=alpha_mse)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 1.5])
@@ -136,13 +167,14 @@ def test_backends(backend):
 
 def test_module_matches_functional():
     inputs = make_inputs((3, 14), 1001)
-    kwargs = dict(temperature=1.5, alpha_ce=0.5, alpha_mlm=3.0, alpha_cos=0.25, restrict_ce_to_mask=True)
+    kwargs = dict(temperature=1.5, alpha_ce=0.5, alpha_mlm=3.0, alpha_cos=0.25, restrict_ce_to_mask=True,
+                  alpha_mse=ALPHA_MSE)
     module = fastdistil.TripleLoss(**kwargs, backend="cpp")
     # The module holds the parameters: it gets only the tensors, so the keyword arguments set the reference's alone.
     terms, grads = check_against_reference(lambda *args: module(*tensors(TripleLossArgs(*args))), inputs, **kwargs)
     terms_f, grads_f = loss_and_grads(cpp, inputs, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(terms + grads, terms_f + grads_f))
-    assert "temperature=1.5" in repr(module)
+    assert "temperature=1.5" in repr(module) and f"alpha_mse={ALPHA_MSE}" in repr(module)
 
 
 # --- rows that contribute nothing ---
@@ -153,8 +185,8 @@ def test_module_matches_functional():
 def test_all_padding_gives_zero_loss_and_gradient(lead, restrict):
     inputs = make_inputs(lead, 1001, pad_frac=1.0, label_frac=0)
     inputs.attention_mask.zero_()
-    terms, grads = loss_and_grads(cpp, inputs, restrict_ce_to_mask=restrict)
-    assert [t.item() for t in terms] == [0.0] * 4
+    terms, grads = loss_and_grads(cpp, inputs, restrict_ce_to_mask=restrict, alpha_mse=ALPHA_MSE)
+    assert [t.item() for t in terms] == [0.0] * len(TERMS)
     for grad in grads:
         assert torch.equal(grad, torch.zeros_like(grad))
 
@@ -167,8 +199,9 @@ def test_no_labels_gives_zero_mlm():
 
 def test_restrict_without_labels_gives_zero_ce():
     inputs = make_inputs((3, 14), 1001, label_frac=0)
-    terms, grads = check_against_reference(cpp, inputs, restrict_ce_to_mask=True)
+    terms, grads = check_against_reference(cpp, inputs, restrict_ce_to_mask=True, alpha_mse=ALPHA_MSE)
     assert terms.loss_ce.item() == 0.0 and terms.loss_mlm.item() == 0.0 and terms.loss_cos.item() > 0
+    assert terms.loss_mse.item() == 0.0  # no row selected: the MSE term covers the KL's rows
     assert torch.equal(grads[0], torch.zeros_like(grads[0]))
 
 
@@ -213,9 +246,9 @@ def test_only_loss_carries_gradient_and_teacher_gets_none():
     inputs = make_inputs((41,), 1001)
     inputs.teacher_logits.requires_grad_()
     inputs.teacher_hidden.requires_grad_()
-    out = cpp(*inputs)
+    out = cpp(*inputs._replace(alpha_mse=ALPHA_MSE))
     assert out.loss.requires_grad
-    assert not any(t.requires_grad for t in (out.loss_ce, out.loss_mlm, out.loss_cos))
+    assert not any(t.requires_grad for t in out[1:])
     out.loss.backward()
     assert inputs.teacher_logits.grad is None and inputs.teacher_hidden.grad is None
     assert inputs.student_logits.grad is not None and inputs.student_hidden.grad is not None
@@ -271,17 +304,20 @@ def test_second_backward_through_the_graph(grad_output):
 # --- the raw ops ---
 
 
-def test_forward_op_returns_reference_gradients():
-    inputs = make_inputs((3, 14), 1001)
+@pytest.mark.parametrize("alpha_mse", [0.0, ALPHA_MSE])
+def test_forward_op_returns_reference_gradients(alpha_mse):
+    inputs = make_inputs((3, 14), 1001)._replace(alpha_mse=alpha_mse)
     out = torch.ops.fastdistil._triple_loss_forward(*map_tensors(torch.Tensor.detach, inputs))
+    assert len(out) == len(TERMS) + len(GRADS) + 1  # and logits_grad_scale
     terms64, grads64 = reference64(inputs, grad_output=1.0)
     for name, a, e in zip(TERMS + GRADS, out, terms64 + grads64):
         assert_close(a, e, FP32_LOSS_RTOL if a.dim() == 0 else FP32_GRAD_RTOL, name)
 
 
+@pytest.mark.parametrize("alpha_mse", [0.0, ALPHA_MSE])
 @pytest.mark.parametrize("dtype", [FP32, BF16], ids=str)
-def test_triple_loss_out_writes_forward_gradients(dtype):
-    inputs = make_inputs((3, 14), 1001, dtype=dtype)
+def test_triple_loss_out_writes_forward_gradients(dtype, alpha_mse):
+    inputs = make_inputs((3, 14), 1001, dtype=dtype)._replace(alpha_mse=alpha_mse)
     args = map_tensors(torch.Tensor.detach, inputs)
     # NaN first: every element, padding rows included, must be written.
     grad_logits = torch.full_like(args.student_logits, float("nan"))
@@ -289,7 +325,8 @@ def test_triple_loss_out_writes_forward_gradients(dtype):
     terms = torch.ops.fastdistil.triple_loss_out(*args, grad_student_logits=grad_logits,
                                                  grad_student_hidden=grad_hidden)
     expected = torch.ops.fastdistil._triple_loss_forward(*args)
-    for a, b in zip(tuple(terms) + (grad_logits, grad_hidden), expected):
+    assert len(terms) == 4  # the public schema's: loss_mse is inside loss
+    for a, b in zip(tuple(terms) + (grad_logits, grad_hidden), expected[:4] + expected[len(TERMS):]):
         assert torch.equal(a, b)
     terms64, grads64 = reference64(inputs, grad_output=1.0)
     for name, a, e in zip(TERMS, terms, terms64):
@@ -318,3 +355,67 @@ def test_triple_loss_out_rejects_bad_buffers_without_writing(which, bad):
         torch.ops.fastdistil.triple_loss_out(*args, **buffers)
     for k in buffers:
         assert torch.equal(buffers[k], before[k]), f"{k} was written"
+
+
+@pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
+def test_float64_gradcheck_with_alpha_mse(restrict):
+    inputs = make_inputs((2, 3), 7, dim=5, dtype=torch.float64, label_frac=0.5)
+    inputs = inputs._replace(temperature=1.5, restrict_ce_to_mask=restrict, alpha_mse=0.3)
+    terms = cpp(*inputs)
+    for name, a, b in zip(TERMS, terms, fastdistil.triple_loss_reference(*inputs)):
+        assert a.dtype == torch.float64, name
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-12, msg=name)
+
+    def loss(student_logits, student_hidden):
+        return cpp(*inputs._replace(student_logits=student_logits, student_hidden=student_hidden)).loss
+
+    assert torch.autograd.gradcheck(loss, (inputs.student_logits, inputs.student_hidden))
+
+
+# --- fp16: the power of two the logits gradient is stored with must bound the MSE gradient too ---
+
+
+def wide_gap_inputs(teacher_dtype):
+    """fp16 student logits and teacher logits up to ~1000 apart: the MSE gradient's entries (~2 * 1000 / n) then
+    exceed the KL and MLM bound by far, so a P that left them out would store them as inf."""
+    inputs = make_inputs((64,), 1001, dim=48, dtype=FP16, teacher_dtype=teacher_dtype, seed=5, label_frac=0.5)
+    far = torch.zeros(inputs.teacher_logits.shape)
+    far[::7, ::50] = 1000.0
+    return inputs._replace(teacher_logits=(inputs.teacher_logits.float() - far).to(teacher_dtype),
+                           alpha_mse=1.0)
+
+
+def fp16_scale(args, with_mse=True):
+    """kernels/gradient_scale.py's closed form: 2^floor(log2(2^15 / bound)), the bound from the counts and (the
+    MSE term's) the extremes of both logit tensors."""
+    labelled = args.labels != -100
+    n_sel = int((labelled if args.restrict_ce_to_mask else args.attention_mask.bool()).sum())
+    n_lab = int(labelled.sum())
+    s, t = args.student_logits.double(), args.teacher_logits.double()
+    gap = max(s.max() - t.min(), t.max() - s.min()).item() if with_mse else 0.0
+    bound = (args.alpha_ce * args.temperature + 2 * args.alpha_mse * gap) / n_sel + args.alpha_mlm / n_lab
+    return 2.0 ** math.floor(math.log2(2.0**15 / bound))
+
+
+@pytest.mark.parametrize("teacher_dtype", [FP16, FP32], ids=str)
+def test_fp16_gradient_scale_bounds_the_mse_gradient(teacher_dtype):
+    inputs = wide_gap_inputs(teacher_dtype)
+    args = map_tensors(torch.Tensor.detach, inputs)
+    out = torch.ops.fastdistil._triple_loss_forward(*args)
+    grad, scale = out[len(TERMS)], out[-1].item()
+    assert scale == fp16_scale(args)
+    assert torch.isfinite(grad).all() and grad.abs().max().item() <= 2.0**15
+    largest = grad.abs().max().item() / scale
+    assert largest * fp16_scale(args, with_mse=False) > torch.finfo(FP16).max, \
+        "the KL and MLM bound alone would not overflow here: the case tests nothing"
+    check_against_reference(cpp, inputs, grad_output=1.0)
+
+
+def test_fp16_gradients_with_the_mse_term_under_a_grad_scaler():
+    """A GradScaler's 65,536 on a weight small enough that the scaled reference gradient fits fp16."""
+    inputs = make_inputs((64,), 30522, dim=768, dtype=FP16, seed=3, logit_std=4.0)
+    _, grads = loss_and_grads(cpp, inputs, LOSS_SCALE, alpha_mse=1e-3)
+    _, pytorch = loss_and_grads(fastdistil.triple_loss_reference, inputs, LOSS_SCALE, alpha_mse=1e-3)
+    _, truth = reference64(inputs, LOSS_SCALE, alpha_mse=1e-3)
+    for name, a, p, e in zip(GRADS, grads, pytorch, truth):
+        assert_within_pytorch_error(a, p, e, name, floor=0.0)

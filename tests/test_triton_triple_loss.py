@@ -22,8 +22,9 @@ import fastdistil  # noqa: E402
 from fastdistil import extension  # noqa: E402
 from fastdistil.kernels import triple_loss as kernel_module  # noqa: E402
 from fastdistil.ops.triple_loss import triton_forward as triple_loss_forward  # noqa: E402
-from helpers import (TERMS, check_against_reference, check_fp16_under_loss_scale, make_inputs,  # noqa: E402
-                     map_tensors, on_device, tensors)
+from helpers import (TERMS, check_against_reference, check_fp16_under_loss_scale, make_inputs, map_tensors,  # noqa: E402
+                     on_device, tensors)
+from test_triple_loss import fp16_scale, wide_gap_inputs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = not isinstance(kernel_module._triple_loss_logits_kernel, triton.runtime.JITFunction)
@@ -78,6 +79,13 @@ CASES = [
      dict(temperature=1.5, restrict_ce_to_mask=True)),
     ("fp16-student-fp32-teacher", dict(vocab=257, dtype=torch.float16, teacher_dtype=torch.float32),
      dict(temperature=4.0)),
+    # the original distiller's --alpha_mse term (a 257-entry row's logit MSE is ~2e3)
+    ("mse", dict(lead=(3, 7)), dict(alpha_mse=0.2)),
+    ("mse-T1.5-restrict", dict(vocab=257), dict(temperature=1.5, alpha_mse=0.2, restrict_ce_to_mask=True)),
+    ("mse-only", dict(vocab=257), dict(alpha_ce=0.0, alpha_mlm=0.0, alpha_cos=0.0, alpha_mse=1.0)),
+    ("fp16-mse", dict(lead=(3, 7), dtype=torch.float16), dict(alpha_mse=0.2)),
+    ("fp16-student-fp32-teacher-mse-restrict", dict(vocab=257, dtype=torch.float16, teacher_dtype=torch.float32),
+     dict(temperature=1.0, alpha_mse=0.2, restrict_ce_to_mask=True)),
 ]
 
 
@@ -90,7 +98,9 @@ def test_matches_reference(make_kwargs, loss_kwargs):
     (torch.float32, dict()),
     (torch.float32, dict(temperature=1.5, restrict_ce_to_mask=True)),
     (torch.float16, dict(temperature=1.0)),
-], ids=["fp32-T2", "fp32-T1.5-restrict", "fp16-T1"])
+    (torch.float32, dict(temperature=1.5, alpha_mse=0.2)),
+    (torch.float16, dict(alpha_mse=0.2, restrict_ce_to_mask=True)),
+], ids=["fp32-T2", "fp32-T1.5-restrict", "fp16-T1", "fp32-T1.5-mse", "fp16-mse-restrict"])
 def test_matches_reference_across_blocks(small_blocks, dtype, loss_kwargs):
     check(inputs_on_device(lead=(2, 11), dim=200, dtype=dtype), **loss_kwargs)
 
@@ -143,10 +153,10 @@ def test_empty_selections_give_zero(case, restrict):
     else:
         inputs = inputs_on_device(lead=(2, 6), vocab=257, label_frac=0.0)
     assert (inputs.labels == -100).all()
-    terms, grads = check(inputs, restrict_ce_to_mask=restrict)
+    terms, grads = check(inputs, restrict_ce_to_mask=restrict, alpha_mse=0.2)
     assert terms.loss_mlm == 0
     if case == "all-padding" or restrict:
-        assert terms.loss_ce == 0
+        assert terms.loss_ce == 0 and terms.loss_mse == 0
     if case == "all-padding":
         assert all(term == 0 for term in terms)
         assert all((grad == 0).all() for grad in grads)
@@ -166,7 +176,8 @@ def test_inputs_untouched_and_strided_inputs_accepted():
     out = triple_loss_forward(*map_tensors(torch.Tensor.detach, strided))
     for a, b in zip(out, contiguous):
         assert torch.equal(a, b)
-    assert out[4].is_contiguous() and out[4].shape == inputs.student_logits.shape
+    grad_logits = out[len(TERMS)]
+    assert grad_logits.is_contiguous() and grad_logits.shape == inputs.student_logits.shape
     for x, x0 in zip(tensors(strided), before):
         assert torch.equal(x.detach(), x0)
 
@@ -175,7 +186,7 @@ def test_inputs_untouched_and_strided_inputs_accepted():
 def test_float64_matches_reference_and_passes_gradcheck(restrict):
     """float64 inputs (for gradient checks) are computed in float64 and give float64 loss terms."""
     inputs = inputs_on_device(lead=(2, 3), vocab=7, dim=5, dtype=torch.float64, label_frac=0.5)
-    inputs = inputs._replace(temperature=1.5, restrict_ce_to_mask=restrict)
+    inputs = inputs._replace(temperature=1.5, restrict_ce_to_mask=restrict, alpha_mse=0.3)
     reference = fastdistil.triple_loss_reference(*inputs)
     for name, a, b in zip(TERMS, triton_loss(*inputs), reference):
         assert a.dtype == torch.float64, name
@@ -189,16 +200,30 @@ def test_float64_matches_reference_and_passes_gradcheck(restrict):
 
 
 @pytest.mark.skipif(not extension.AVAILABLE, reason="needs fastdistil._C")
+@pytest.mark.parametrize("alpha_mse", [0.0, 0.2])
 @pytest.mark.parametrize("restrict", [False, True], ids=["all-rows", "restrict"])
-def test_agrees_with_cpp_kernel(restrict):
+def test_agrees_with_cpp_kernel(restrict, alpha_mse):
     """Both kernels implement fastdistil::_triple_loss_forward; at T = 1.5 neither takes the es^T shortcut."""
     inputs = map_tensors(torch.Tensor.detach, make_inputs(lead=(3, 7), vocab=257, labels_on_padding=True))
-    inputs = inputs._replace(temperature=1.5, restrict_ce_to_mask=restrict)
+    inputs = inputs._replace(temperature=1.5, restrict_ce_to_mask=restrict, alpha_mse=alpha_mse)
     for name, a, b in zip(TERMS + ("grad_logits", "grad_hidden", "logits_grad_scale"),
                           triple_loss_forward(*map_tensors(lambda x: x.to(DEVICE), inputs)),
                           torch.ops.fastdistil._triple_loss_forward(*inputs)):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("teacher_dtype", [torch.float16, torch.float32], ids=str)
+def test_fp16_gradient_scale_bounds_the_mse_gradient(teacher_dtype):
+    """The P of kernels/gradient_scale.py covers the MSE gradient, computed on the device as the C++ kernel does
+    on the host: logits ~1000 apart, whose MSE gradient a P of the KL and MLM terms alone would store as inf."""
+    inputs = on_device(wide_gap_inputs(teacher_dtype), DEVICE)
+    args = map_tensors(torch.Tensor.detach, inputs)
+    out = triple_loss_forward(*args)
+    grad, scale = out[len(TERMS)], out[-1].item()
+    assert scale == fp16_scale(map_tensors(torch.Tensor.cpu, args))
+    assert torch.isfinite(grad).all() and grad.abs().max().item() <= 2.0**15
+    check(inputs)
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="the interpreter's kernels are what torch's analysis cannot read")

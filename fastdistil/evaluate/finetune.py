@@ -3,6 +3,7 @@ student's shape on a downstream task, and score all three.
 
     python -m fastdistil.evaluate RUN_DIR [--task wiki-topic | glue/<task> | imdb]   -> RUN_DIR/eval_<task>.json
     python -m fastdistil.evaluate --model DIR [--task ...]                            -> DIR/eval_<task>.json
+    python -m fastdistil.evaluate RUN_DIR --task perplexity (a GPT-2 run's default)    -> perplexity.py
 
 Each model gets a sequence-classification head and the same fine-tuning: hyperparameters, seed, batch order.
 wiki-topic (the bundled sample's 12 topics, a fixed held-out split) works offline and without `datasets`; GLUE
@@ -28,8 +29,9 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from fastdistil.commands import (atomic_write_text, check_choices, config_from, device_of, flag, parser_for,
                                  run_command)
-from fastdistil.evaluate import metrics, tasks
+from fastdistil.evaluate import metrics, perplexity, tasks
 from fastdistil.train import data
+from fastdistil.train.config import BUILT_IN_TEACHERS
 from fastdistil.train.step import make_optimizer
 
 HELDOUT_BUCKETS = 5  # wiki-topic: a document is held out when the hash of its title is 0 mod 5, ~20 %
@@ -41,7 +43,8 @@ MAX_GRAD_NORM = 1.0  # BERT's fine-tuning clipping
 class EvalConfig:
     run_dir: str | None = flag(None, "a fastdistil.train --output-dir", positional=True, metavar="RUN_DIR")
     model: str | None = flag(None, "evaluate this one checkpoint (and tokenizer) instead", metavar="DIR")
-    task: str = flag("wiki-topic", f"one of: {', '.join(tasks.TASKS)}")
+    task: str | None = flag(None, f"one of: {', '.join(tasks.TASKS)}, or {perplexity.TASK} (a causal run's held-out "
+                                  "perplexity) (default: wiki-topic, perplexity for a GPT-2 run)")
     # The defaults suit the built-in teacher (4 x 128) and its students: the whole wiki-topic evaluation of the
     # default run takes minutes on 2 CPU cores. BERT-base-sized models want --lr 2e-5 to 5e-5, --max-seq-len 128.
     epochs: int = flag(2, "fine-tuning epochs")
@@ -68,7 +71,10 @@ def check_config(cfg: EvalConfig) -> None:
     """A ValueError naming the first bad setting."""
     if (cfg.run_dir is None) == (cfg.model is None):
         raise ValueError("give either RUN_DIR (a fastdistil.train run) or --model DIR (one checkpoint)")
-    tasks.get_task(cfg.task)
+    if cfg.task == perplexity.TASK and cfg.run_dir is None:
+        raise ValueError(f"--task {perplexity.TASK} scores a run (RUN_DIR): its teacher, student and held-out split")
+    if cfg.task != perplexity.TASK:
+        tasks.get_task(cfg.task)
     for name in ("epochs", "batch_size", "max_seq_len", "max_train_examples", "max_eval_examples"):
         if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
@@ -232,6 +238,7 @@ def models_to_evaluate(cfg: EvalConfig) -> tuple[dict, Path]:
     teacher = json.loads((run / "config.json").read_text()).get("teacher")
     if teacher is None:
         raise ValueError(f"{run / 'config.json'} names no teacher: not a fastdistil.train config")
+    teacher = str(BUILT_IN_TEACHERS.get(teacher, teacher))
     return {
         "teacher": (teacher, lambda *head: pretrained_classifier(teacher, "the run's teacher", *head)),
         "student": (str(student_dir), lambda *head: pretrained_classifier(str(student_dir), "the run's student",
@@ -319,9 +326,15 @@ def predict(model: torch.nn.Module, examples: Encoded, cfg: EvalConfig, pad_id: 
 def main(cfg: EvalConfig) -> dict:
     """Fine-tunes and scores each model; writes and returns the report."""
     start = time.time()
+    if cfg.task is None:
+        cfg = dataclasses.replace(cfg, task=_default_task(cfg))
     check_config(cfg)
-    task = tasks.get_task(cfg.task)
     device = device_of(cfg.device)
+    if cfg.task == perplexity.TASK:
+        out_path = Path(cfg.output) if cfg.output else Path(cfg.run_dir) / f"eval_{perplexity.TASK}.json"
+        report = perplexity.evaluate(Path(cfg.run_dir), device, out_path)
+        return {**report, "wall_s": time.time() - start, "path": str(out_path)}
+    task = tasks.get_task(cfg.task)
     models, tokenizer_dir = models_to_evaluate(cfg)
     tokenizer = load_tokenizer(tokenizer_dir)
     train_set, eval_sets, label_names, num_labels = task_data(task, cfg)
@@ -354,6 +367,15 @@ def main(cfg: EvalConfig) -> dict:
     atomic_write_text(out_path, json.dumps(report, indent=2))
     report["path"] = str(out_path)
     return report
+
+
+def _default_task(cfg: EvalConfig) -> str:
+    """wiki-topic, except for a causal (GPT-2) run: perplexity, the measure DistilGPT2 was scored by."""
+    student_config = Path(cfg.run_dir or "") / "student" / "config.json"
+    if cfg.run_dir is not None and student_config.is_file():
+        if json.loads(student_config.read_text()).get("model_type") == "gpt2":
+            return perplexity.TASK
+    return "wiki-topic"
 
 
 def format_table(report: dict) -> str:

@@ -9,16 +9,23 @@ from pathlib import Path
 from fastdistil import assets
 from fastdistil.commands import check_choices, config_from, device_of, flag, parser_for
 from fastdistil.train import data
+from fastdistil.train.families import Family
 
 # The length of a run given neither --max-steps nor --epochs: the built-in default run's, under 3 minutes
 # on 2 CPU cores.
 DEFAULT_MAX_STEPS = 200
-DESCRIPTION = "distill a BERT masked-LM teacher into a DistilBERT student (Sanh et al. 2019)"
+DESCRIPTION = ("distill a BERT or RoBERTa masked LM, or a GPT-2 causal LM, into a student of half its depth "
+               "(Sanh et al. 2019: DistilBERT, DistilRoBERTa, DistilGPT2)")
+# --teacher's names for the teachers fastdistil ships.
+BUILT_IN_TEACHERS = {"tiny-bert": assets.TEACHER, "tiny-gpt2": assets.DIR / "tiny-gpt2-teacher"}
+# The weight of the LM term the teacher's family trains with, when neither --alpha-mlm nor --alpha-clm is given.
+DEFAULT_ALPHA_LM = 2.0
 
 
 @dataclass
 class TrainConfig:
-    teacher: str = flag(str(assets.TEACHER), "BERT masked LM: hub name or directory (default: the built-in one)")
+    teacher: str = flag("tiny-bert", "a BERT or RoBERTa masked LM or a GPT-2 causal LM: hub name, directory, or a "
+                                     "built-in one (tiny-bert, tiny-gpt2)")
     tokenizer: str | None = flag(None, "default: the teacher's")
     dataset: str = flag(data.DEFAULT_DATASET, "wiki-vital (bundled), a .txt/.jsonl file or folder, or a HF dataset")
     dataset_config: str | None = flag(None, "the Hugging Face dataset's config")
@@ -43,12 +50,21 @@ class TrainConfig:
     max_grad_norm: float = flag(5.0, "gradient clipping")
     temperature: float = flag(2.0, "softmax temperature of the KL term")
     alpha_ce: float = flag(5.0, "weight of the KL (distillation) term")
-    alpha_mlm: float = flag(2.0, "weight of the masked-LM term")
+    alpha_mlm: float | None = flag(None, f"weight of the masked-LM term (default: {DEFAULT_ALPHA_LM} for a masked "
+                                         "teacher)")
+    alpha_clm: float | None = flag(None, f"weight of the causal-LM term (default: {DEFAULT_ALPHA_LM} for a GPT-2 "
+                                         "teacher)")
+    alpha_mse: float = flag(0.0, "weight of the MSE between student and teacher logits, over the KL's rows")
     alpha_cos: float = flag(1.0, "weight of the hidden-state cosine term")
     restrict_ce_to_mask: bool = flag(False, "KL over the MLM targets only, not every token")
     mlm_prob: float = flag(0.15, "fraction of real tokens that become MLM targets")
     mlm_smoothing: float = flag(0.7, "targets drawn with probability count^-smoothing")
     student_layers: str | None = flag(None, "teacher layers the student starts from, e.g. 0,2,4,7,9,11")
+    vocab_transform: bool = flag(True, "RoBERTa: also copy the LM head's dense layer and LayerNorm "
+                                       "(--no-vocab-transform: scripts/extract.py's default, which leaves them "
+                                       "freshly initialized)")
+    freeze_pos_embs: bool = flag(False, "keep the student's position embeddings as copied from the teacher")
+    freeze_token_type_embs: bool = flag(False, "keep the student's token-type embeddings as copied (RoBERTa)")
     student_init: str = flag("teacher", "teacher (the recipe) or random (the ablation)",
                              choices=("teacher", "random"))
     precision: str = flag("fp32", "autocast of the models; the loss is always fp32",
@@ -71,12 +87,20 @@ class TrainConfig:
     heldout_fraction: float = flag(0.02, "sequences held out for the final evaluation")
     tensorboard: bool = flag(False, "also log to OUTPUT_DIR/tensorboard")
 
+    @property
+    def alpha_lm(self) -> float:
+        """The weight of the LM term: --alpha-mlm or --alpha-clm, whichever the teacher trains with (for_family
+        zeroes the other), DEFAULT_ALPHA_LM when neither is set."""
+        if self.alpha_mlm is None and self.alpha_clm is None:
+            return DEFAULT_ALPHA_LM
+        return (self.alpha_mlm or 0.0) + (self.alpha_clm or 0.0)
+
 
 def check_config(cfg: TrainConfig) -> None:
     """A ValueError naming the first bad setting, before anything is read or written."""
     check_choices(cfg)
-    for name in ("alpha_ce", "alpha_mlm", "alpha_cos", "weight_decay"):
-        if getattr(cfg, name) < 0:
+    for name in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_cos", "alpha_mse", "weight_decay"):
+        if getattr(cfg, name) is not None and not getattr(cfg, name) >= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.temperature <= 0:
         raise ValueError(f"--temperature must be > 0, got {cfg.temperature}")
@@ -98,6 +122,35 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--keep-last must be >= 1, got {cfg.keep_last}")
     if cfg.max_bad_steps < 0:
         raise ValueError(f"--max-bad-steps must be >= 0, got {cfg.max_bad_steps}")
+
+
+def teacher_path(cfg: TrainConfig) -> str:
+    """--teacher as from_pretrained takes it: a built-in teacher's directory, or the name as given."""
+    return str(BUILT_IN_TEACHERS.get(cfg.teacher, cfg.teacher))
+
+
+def for_family(cfg: TrainConfig, family: Family, teacher_config) -> TrainConfig:
+    """The config with the LM weights of the teacher's objective filled in, checked against what the teacher's
+    family has: a nonzero weight of the other objective, an option only masked LMs have, embeddings the student
+    does not have or a sequence longer than the teacher's positions is a ValueError naming the flag. Called
+    with the teacher's config, before its weights are loaded."""
+    causal = family.causal
+    given, other = ("alpha_clm", "alpha_mlm") if causal else ("alpha_mlm", "alpha_clm")
+    objective = "a causal LM (GPT-2)" if causal else "a masked LM"
+    if getattr(cfg, other):
+        raise ValueError(f"--{other.replace('_', '-')} {getattr(cfg, other)}: the teacher is {objective}; "
+                         f"its LM term's weight is --{given.replace('_', '-')}")
+    if causal and cfg.restrict_ce_to_mask:
+        raise ValueError("--restrict-ce-to-mask: a causal teacher has no masked positions to restrict the KL to")
+    for asked, embeddings, flag_name in ((cfg.freeze_pos_embs, family.position_embeddings, "pos-embs"),
+                                         (cfg.freeze_token_type_embs, family.token_type_embeddings, "token-type-embs")):
+        if asked and embeddings is None:
+            raise ValueError(f"--freeze-{flag_name}: a {family.name} teacher's student has no such embeddings")
+    if cfg.max_seq_len > family.max_positions(teacher_config):
+        raise ValueError(f"--max-seq-len {cfg.max_seq_len}: the teacher's position embeddings take at most "
+                         f"{family.max_positions(teacher_config)} tokens")
+    weight = DEFAULT_ALPHA_LM if getattr(cfg, given) is None else getattr(cfg, given)
+    return dataclasses.replace(cfg, **{given: weight, other: 0.0})
 
 
 def _config_file(path: Path) -> dict:

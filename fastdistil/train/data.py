@@ -1,4 +1,4 @@
-"""Text in, masked batches out: the DistilBERT data pipeline.
+"""Text in, masked (or shifted) batches out: the DistilBERT data pipeline, and DistilGPT2's.
 
 - A corpus: the bundled Wikipedia sample (default), local .txt (one document a line) or .jsonl/.jsonl.gz/.json
   files or folders of them, or a Hugging Face dataset. Only the last needs the `datasets` package; everything
@@ -6,11 +6,14 @@
   mapped Arrow on disk, from loading to batches (a streamed slice of one is a Table: it is read whole anyway).
 - Tokenized in batches, in several processes if asked (for a datasets.Dataset by its `map`, whose result
   datasets caches on disk). Long documents are split into chunks of at most max_seq_len tokens, each wrapped in
-  [CLS] ... [SEP]. Sequences of 11 tokens or fewer, and those at least half [UNK], are dropped.
+  the family's first and last tokens ([CLS] ... [SEP] for BERT, <s> ... </s> for RoBERTa, <|endoftext|> on
+  both sides for GPT-2). Sequences of 11 tokens or fewer, and those at least half [UNK], are dropped.
 - Masking probabilities from token counts: count^-smoothing, zero for special tokens.
 - Dynamic masking, fresh for every batch. 15 % of the batch's real tokens are drawn without replacement
   across the whole batch, with those probabilities. Of them, 80 % become [MASK], 10 % stay, and 10 % become a
   random token.
+- For a causal teacher, shifting instead of masking: the label of position t is token t + 1, -100 at padding
+  and at each sequence's last token (the original's shift of clm_labels).
 - Batches grouped by length (buckets of width 4) to cut padding.
 
 Every random choice comes from a generator seeded by the run's seed and the position in the data (epoch,
@@ -224,23 +227,26 @@ def load_corpus(dataset: str = DEFAULT_DATASET, dataset_config: str | None = Non
 
 
 def chunk_sequences(token_ids: list[int], max_seq_len: int, cls_id: int, sep_id: int) -> list[list[int]]:
-    """[CLS] chunk [SEP] for consecutive chunks of max_seq_len - 2 tokens, as the recipe splits long text."""
+    """first chunk last (cls_id, sep_id: [CLS] and [SEP] for BERT) for consecutive chunks of max_seq_len - 2
+    tokens, as the recipe splits long text."""
     body = max_seq_len - 2
     return [[cls_id, *token_ids[i:i + body], sep_id] for i in range(0, max(len(token_ids), 1), body)]
 
 
-def keep_sequence(ids: list[int], unk_id: int) -> bool:
-    return len(ids) >= MIN_TOKENS and ids.count(unk_id) / len(ids) < MAX_UNK_FRACTION
+def keep_sequence(ids: list[int], unk_id: int | None) -> bool:
+    return len(ids) >= MIN_TOKENS and (unk_id is None or ids.count(unk_id) / len(ids) < MAX_UNK_FRACTION)
 
 
-def _training_sequences(texts: list[str], tokenizer, max_seq_len: int, for_arrow: bool = False
-                        ) -> dict[str, list]:
+def _training_sequences(texts: list[str], tokenizer, max_seq_len: int, wrap: tuple[int, int] | None = None,
+                        for_arrow: bool = False) -> dict[str, list]:
     # The one tokenizing function, for a batch of documents: the task of a tokenizer process for a Table and
     # (for_arrow) the map function for a datasets.Dataset. Module level, not a closure: processes receive it by
     # pickling and datasets fingerprints it for its cache. For a Table, arrays of C ints hold a token in 4 bytes
     # where a list of Python ints takes 36: the difference between a large corpus fitting or not. datasets'
     # Arrow writer takes numpy arrays (it cannot read array.array).
-    cls_id, sep_id, unk_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.unk_token_id
+    cls_id, sep_id = wrap if wrap is not None else (tokenizer.cls_token_id, tokenizer.sep_token_id)
+    # A byte-level tokenizer (GPT-2's) names <|endoftext|> its unknown token, but never produces one.
+    unk_id = tokenizer.unk_token_id if tokenizer.unk_token_id not in (cls_id, sep_id) else None
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     chunks = [c for ids in encoded for c in chunk_sequences(ids, max_seq_len, cls_id, sep_id)]
     kept = [c for c in chunks if keep_sequence(c, unk_id)]
@@ -248,15 +254,17 @@ def _training_sequences(texts: list[str], tokenizer, max_seq_len: int, for_arrow
             [array.array("i", c) for c in kept]}
 
 
-def tokenize_corpus(corpus, tokenizer, max_seq_len: int, num_proc: int | None = None):
-    """One row per training sequence: `input_ids`, already chunked, wrapped and filtered, in corpus order; with
+def tokenize_corpus(corpus, tokenizer, max_seq_len: int, num_proc: int | None = None,
+                    wrap: tuple[int, int] | None = None):
+    """One row per training sequence: `input_ids`, already chunked, wrapped in wrap = (first, last) token ids
+    (default: the tokenizer's [CLS] and [SEP]) and filtered, in corpus order; with
     num_proc > 1, batches of documents are tokenized in that many processes, to the same result. For a Table
     a Table (each sequence an array.array of token ids); for a datasets.Dataset a datasets.Dataset (int32 ids),
     made by its `map`, which datasets caches: tokenizing the same corpus with the same tokenizer again reads
     the cache."""
     if max_seq_len < MIN_TOKENS or max_seq_len > tokenizer.model_max_length:
         raise ValueError(f"max_seq_len must be in [{MIN_TOKENS}, {tokenizer.model_max_length}], got {max_seq_len}")
-    tokenize = functools.partial(_training_sequences, tokenizer=tokenizer, max_seq_len=max_seq_len,
+    tokenize = functools.partial(_training_sequences, tokenizer=tokenizer, max_seq_len=max_seq_len, wrap=wrap,
                                  for_arrow=not isinstance(corpus, Table))
     num_proc = num_proc if num_proc is not None and num_proc > 1 else None
     if isinstance(corpus, Table):
@@ -384,6 +392,19 @@ class DynamicMasker:
         masked[pred_mask] = new_ids
         labels = torch.where(pred_mask, flat, -100)
         return masked.view_as(input_ids), labels.view_as(input_ids)
+
+
+class CausalShift:
+    """The original's causal-LM labels (prepare_batch_clm, then the shift in the loss): the label of position t is
+    token t + 1, -100 where t + 1 is padding or past the end. The inputs stay as they are; the signature is the
+    masker's, so that the loop does not tell the two apart."""
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels [B, L])."""
+        labels = torch.full_like(input_ids, -100)
+        labels[:, :-1] = torch.where(attention_mask[:, 1:].bool(), input_ids[:, 1:], -100)
+        return input_ids, labels
 
 
 def batches(sequences, batch_size: int, seed: int, epoch: int, pad_id: int

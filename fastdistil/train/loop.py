@@ -1,9 +1,11 @@
 """python -m fastdistil.train: a distillation run, read top to bottom.
 
-main(cfg) checks the config, joins torchrun's process group and distils: it loads the teacher and builds the
-student from it, tokenizes and splits the corpus, makes the optimizer, resumes from a checkpoint if asked, and
-runs the loop. Each step accumulates the gradients of its micro-batches, steps the optimizer, logs, and maybe
-saves. At the end rank 0 exports the student and writes the held-out metrics.
+main(cfg) checks the config, joins torchrun's process group and distils: it reads the teacher's config, whose
+family (BERT, RoBERTa or GPT-2: fastdistil/train/families/) decides the student, the special tokens and the
+objective (masking or shifting), checks the flags against it, loads the teacher and builds the student from it,
+tokenizes and splits the corpus, makes the optimizer, resumes from a checkpoint if asked, and runs the loop.
+Each step accumulates the gradients of its micro-batches, steps the optimizer, logs, and maybe saves. At the
+end rank 0 exports the student and writes the held-out metrics.
 """
 
 import contextlib
@@ -21,19 +23,18 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForMaskedLM, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
-from fastdistil import assets
 from fastdistil.commands import atomic_write_text, device_of, run_command
 from fastdistil.ops.attention import register_with_transformers
 from fastdistil.ops.values import TripleLossOutput
-from fastdistil.train import checkpoint, data, distributed, heads
-from fastdistil.train.config import DEFAULT_MAX_STEPS, TrainConfig, check_config, parse_args
+from fastdistil.train import checkpoint, distributed, heads
+from fastdistil.train.config import DEFAULT_MAX_STEPS, TrainConfig, check_config, for_family, parse_args
+from fastdistil.train.families import Family
+from fastdistil.train.inputs import TrainingData, load_data, load_teacher, load_tokenizer, teacher_family
 from fastdistil.train.step import heldout_metrics, make_optimizer, train_step
 from fastdistil.train.student import make_student
 
-DROPOUT_STREAM = 1  # data.seed_at(seed, epoch, batch, DROPOUT_STREAM) seeds dropout, apart from the masking
-HELDOUT_STREAM = -1  # the held-out masks: data.rng(seed, HELDOUT_STREAM, batch), the same in every run
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "checkpoints", "student", "tensorboard")
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,7 +56,7 @@ class Progress:
 class StepStats:
     """One optimizer step, over its micro-batches and then over all processes."""
 
-    terms: TripleLossOutput  # the four loss terms (0-dim fp32), each weighted as the step's gradient is
+    terms: TripleLossOutput  # the loss and its terms (0-dim fp32), each weighted as the step's gradient is
     tokens: int  # non-padding tokens
     stopping: bool  # a process was asked to stop (SIGTERM): all stop after this step
 
@@ -64,57 +65,8 @@ class StepStats:
         averages the gradients)."""
         packed = torch.cat([torch.stack(self.terms), torch.tensor([float(self.tokens), float(self.stopping)])])
         distributed.sum_across(packed, procs)
-        return StepStats(TripleLossOutput(*(packed[:4] / procs.world_size)), int(packed[4]), bool(packed[5]))
-
-
-@dataclass
-class TrainingData:
-    """The tokenized corpus and how the run walks it: an optimizer step takes micro_per_step consecutive
-    micro-batches of the epoch's length-grouped plan, and micro-batch j of a step goes to rank j % world size.
-    So the order and content of every step depend on the seed, never on the number of processes: 2 processes
-    with --grad-accum 1 compute what 1 process does with --grad-accum 2."""
-
-    train_set: object  # data.Table, or datasets.Dataset for a hub corpus: an input_ids column
-    heldout: object
-    masker: data.DynamicMasker
-    pad_id: int
-    seed: int
-    batch_size: int
-    micro_per_step: int
-
-    def __post_init__(self):
-        self.lengths = [len(ids) for ids in self.train_set["input_ids"]]
-        self._plan = (None, None)
-        self.steps_per_epoch = len(self.plan(0)) // self.micro_per_step
-
-    def plan(self, epoch: int) -> list[list[int]]:
-        """The epoch's batches of sequence indices (kept while the epoch lasts: making it is O(sequences))."""
-        if self._plan[0] != epoch:
-            self._plan = (epoch, data.length_grouped_batches(self.lengths, self.batch_size, self.seed, epoch))
-        return self._plan[1]
-
-    def step_batches(self, progress: Progress) -> range:
-        """The indices in the epoch's plan of the micro-batches of the next step."""
-        first = progress.step_in_epoch * self.micro_per_step
-        return range(first, first + self.micro_per_step)
-
-    def micro_batch(self, epoch: int, index: int, device):
-        """Micro-batch `index` of the epoch, masked, its dropout seeded: all a function of the position."""
-        ids, mask = data.collate(self.train_set[self.plan(epoch)[index]]["input_ids"], self.pad_id)
-        masked, labels = self.masker(ids, mask, data.rng(self.seed, epoch, index))
-        torch.manual_seed(data.seed_at(self.seed, epoch, index, DROPOUT_STREAM))
-        return masked.to(device), mask.to(device), labels.to(device)
-
-    def heldout_batches(self) -> list:
-        """The held-out sequences in batches, masked the same way in every run."""
-        plan = data.length_grouped_batches([len(ids) for ids in self.heldout["input_ids"]], self.batch_size,
-                                           self.seed, epoch=0)
-        batches = []
-        for index, indices in enumerate(plan):
-            ids, mask = data.collate(self.heldout[indices]["input_ids"], self.pad_id)
-            masked, labels = self.masker(ids, mask, data.rng(self.seed, HELDOUT_STREAM, index))
-            batches.append((masked, mask, labels))
-        return batches
+        n = len(TripleLossOutput._fields)
+        return StepStats(TripleLossOutput(*(packed[:n] / procs.world_size)), int(packed[n]), bool(packed[n + 1]))
 
 
 def main(cfg: TrainConfig) -> dict:
@@ -133,10 +85,15 @@ def main(cfg: TrainConfig) -> dict:
 def distil(cfg: TrainConfig, procs: distributed.Processes, out: Path) -> dict:
     device = run_device(cfg, procs)
     torch.manual_seed(cfg.seed)  # the same initial student (random init) on every rank
-    tokenizer = load_tokenizer(cfg)
-    teacher = load_teacher(cfg, tokenizer, device)
+    family, teacher_config = teacher_family(cfg)
+    cfg = for_family(cfg, family, teacher_config)
+    tokenizer = load_tokenizer(cfg, family, teacher_config)
+    teacher = load_teacher(cfg, device, family)
     layers = None if cfg.student_layers is None else [int(i) for i in cfg.student_layers.split(",")]
-    student = make_student(teacher, layers, cfg.student_init).to(device).train()
+    student = make_student(teacher, layers, cfg.student_init, cfg.vocab_transform).to(device).train()
+    # Frozen before the optimizer exists, so that it holds no state for them and they stay bit-identical.
+    for param in family.frozen_embeddings(student, cfg.freeze_pos_embs, cfg.freeze_token_type_embs):
+        param.requires_grad_(False)
     if cfg.attention == "fastdistil":
         register_with_transformers()
     student.set_attn_implementation(cfg.attention)  # not saved with the student: its export loads anywhere
@@ -144,7 +101,7 @@ def distil(cfg: TrainConfig, procs: distributed.Processes, out: Path) -> dict:
     if procs.world_size > 1:  # the frozen teacher is a plain replica on every rank
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[procs.local_rank] if device.type == "cuda" else None)
-    run_data = load_data(cfg, tokenizer, procs)
+    run_data = load_data(cfg, tokenizer, procs, family)
     total_steps = cfg.max_steps if cfg.max_steps is not None else (
         run_data.steps_per_epoch * cfg.epochs if cfg.epochs is not None else DEFAULT_MAX_STEPS)
 
@@ -156,7 +113,7 @@ def distil(cfg: TrainConfig, procs: distributed.Processes, out: Path) -> dict:
     progress = resumed or Progress()
     if procs.is_main:
         prepare_output_dir(cfg, out, procs, resumed, run_data.micro_per_step, total_steps)
-    log = MetricsLog(cfg, out, procs, progress.step, device)
+    log = MetricsLog(cfg, out, procs, progress.step, device, family.causal)
     start = time.time()
 
     def save():
@@ -187,7 +144,8 @@ def distil(cfg: TrainConfig, procs: distributed.Processes, out: Path) -> dict:
             grad_norm = float("nan")
             if finite:
                 scaler.unscale_(optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm))
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                    [p for p in student.parameters() if p.requires_grad], cfg.max_grad_norm))
                 scaler.step(optimizer)
                 scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -219,7 +177,7 @@ def distil(cfg: TrainConfig, procs: distributed.Processes, out: Path) -> dict:
     summary = {}
     if procs.is_main:
         summary = finish(cfg, out, procs, progress, progress.wall_s + time.time() - start, tokenizer, teacher,
-                         student, run_data, device)
+                         student, run_data, device, family)
     distributed.barrier(procs)
     return summary
 
@@ -229,10 +187,10 @@ def accumulate(model, teacher_inputs, run_data: TrainingData, progress: Progress
     """The gradients of this rank's micro-batches of the next step, accumulated in the student (DDP syncs
     them at the last one), and what they add up to."""
     plan = run_data.plan(progress.epoch)
-    batches = run_data.step_batches(progress)
+    batches = run_data.step_batches(progress.step_in_epoch)
     step_tokens = sum(run_data.lengths[i] for b in batches for i in plan[b])
     mine = batches[procs.rank::procs.world_size]
-    terms = torch.zeros(4)
+    terms = torch.zeros(len(TripleLossOutput._fields))
     tokens = 0
     for n, index in enumerate(mine):
         batch = run_data.micro_batch(progress.epoch, index, device)
@@ -265,8 +223,10 @@ class MetricsLog:
     """metrics.jsonl (and TensorBoard with --tensorboard), one record every --log-every steps and at the last,
     written by rank 0; tokens/s is over the steps since the previous record."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, procs: distributed.Processes, first_step: int, device):
+    def __init__(self, cfg: TrainConfig, out: Path, procs: distributed.Processes, first_step: int, device,
+                 causal: bool):
         self.every = cfg.log_every
+        self.names = {"loss_mlm": "loss_clm"} if causal else {}  # the LM term is named for its objective
         self.path = out / "metrics.jsonl"
         self.enabled = procs.is_main
         self.device = device
@@ -283,7 +243,8 @@ class MetricsLog:
         if not self.enabled or not (step % self.every == 0 or final):
             return
         now = time.time()
-        record = {"step": step, **{k: float(v) for k, v in stats.terms._asdict().items()}, "lr": lr,
+        record = {"step": step, **{self.names.get(k, k): float(v) for k, v in stats.terms._asdict().items()},
+                  "lr": lr,
                   "grad_norm": grad_norm, "tokens_per_s": self.window_tokens / max(now - self.window_start, 1e-9),
                   "memory_mb": _memory_mb(self.device)}
         self.window_start, self.window_tokens = now, 0
@@ -313,49 +274,6 @@ def run_device(cfg: TrainConfig, procs: distributed.Processes) -> torch.device:
     return device
 
 
-def load_tokenizer(cfg: TrainConfig):
-    name = cfg.tokenizer or cfg.teacher
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        flag = "--tokenizer" if cfg.tokenizer else "--teacher (no --tokenizer given)"
-        raise ValueError(f"{flag} {name}: cannot load a tokenizer ({exc})") from exc
-
-
-def load_teacher(cfg: TrainConfig, tokenizer, device) -> torch.nn.Module:
-    if cfg.teacher == str(assets.TEACHER) and not assets.TEACHER.exists():
-        raise ValueError(f"the built-in teacher is not in this installation ({assets.TEACHER}); pass --teacher "
-                         "(a hub name or a local directory of a BERT masked LM)")
-    try:
-        teacher, info = AutoModelForMaskedLM.from_pretrained(cfg.teacher, output_loading_info=True)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"--teacher {cfg.teacher}: not a loadable masked LM ({exc})") from exc
-    untrained_head = [k for k in info["missing_keys"] if k.startswith(("cls.", "lm_head."))]
-    if untrained_head:
-        raise ValueError(f"--teacher {cfg.teacher}: not a masked LM (its checkpoint has no MLM head: "
-                         f"{untrained_head[0]} is missing)")
-    if teacher.config.vocab_size != len(tokenizer):
-        raise ValueError(f"--teacher vocabulary ({teacher.config.vocab_size}) does not match the tokenizer's "
-                         f"({len(tokenizer)})")
-    return teacher.float().to(device).eval().requires_grad_(False)
-
-
-def load_data(cfg: TrainConfig, tokenizer, procs: distributed.Processes) -> TrainingData:
-    corpus = data.load_corpus(cfg.dataset, cfg.dataset_config, text_column=cfg.text_column,
-                              streaming=cfg.streaming, max_documents=cfg.max_documents)
-    sequences = data.tokenize_corpus(corpus, tokenizer, cfg.max_seq_len, cfg.num_proc if cfg.num_proc > 1 else None)
-    train_set, heldout = data.heldout_split(sequences, cfg.heldout_fraction, cfg.seed)
-    masker = data.DynamicMasker(
-        data.masking_probabilities(train_set, len(tokenizer), tokenizer.all_special_ids, cfg.mlm_smoothing),
-        tokenizer.mask_token_id, len(tokenizer), cfg.mlm_prob)
-    run_data = TrainingData(train_set, heldout, masker, tokenizer.pad_token_id, cfg.seed, cfg.batch_size,
-                            cfg.grad_accum * procs.world_size)
-    if run_data.steps_per_epoch == 0:
-        raise ValueError(f"--grad-accum {cfg.grad_accum} x {procs.world_size} processes exceeds the number of "
-                         "batches in an epoch")
-    return run_data
-
-
 def prepare_output_dir(cfg: TrainConfig, out: Path, procs: distributed.Processes, resumed: Progress | None,
                        micro_per_step: int, total_steps: int) -> None:
     """A fresh run clears what an earlier run left (--overwrite); a resumed one drops the records its
@@ -375,7 +293,7 @@ def prepare_output_dir(cfg: TrainConfig, out: Path, procs: distributed.Processes
 
 
 def finish(cfg: TrainConfig, out: Path, procs: distributed.Processes, progress: Progress, wall: float, tokenizer,
-           teacher, student, run_data: TrainingData, device) -> dict:
+           teacher, student, run_data: TrainingData, device, family: Family) -> dict:
     """Exports the student with its tokenizer and writes summary.json with the held-out metrics."""
     export = out / "student"
     student.save_pretrained(export)
@@ -387,7 +305,7 @@ def finish(cfg: TrainConfig, out: Path, procs: distributed.Processes, progress: 
                "train_tokens": progress.tokens, "train_tokens_per_s": progress.tokens / max(wall, 1e-9),
                "teacher_params": sum(p.numel() for p in teacher.parameters()),
                "student_params": sum(p.numel() for p in student.parameters()),
-               **heldout_metrics(teacher, student, run_data.heldout_batches(), device)}
+               **heldout_metrics(teacher, student, run_data.heldout_batches(), device, family.causal)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 

@@ -1,6 +1,8 @@
 """One training step of the recipe (both forwards and the triple loss), the recipe's optimizer, and the
 held-out metrics a run ends with."""
 
+import math
+
 import torch
 
 import fastdistil
@@ -11,10 +13,13 @@ from fastdistil.train.config import TrainConfig
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, eps: float) -> torch.optim.AdamW:
     """The recipe's AdamW (betas 0.9, 0.98), with no weight decay on biases and LayerNorms, as the original
-    distiller meant. The fused implementation, one kernel over all parameters, where the device has one."""
+    distiller meant. The fused implementation, one kernel over all parameters, where the device has one. Frozen
+    parameters (requires_grad False) are left out: no state, no update."""
     norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
     decay, no_decay = [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         (no_decay if name.endswith("bias") or id(param) in norms else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     device = next(model.parameters()).device
@@ -37,21 +42,22 @@ def train_step(student: torch.nn.Module, teacher: heads.ProjectionInputs, batch,
         s_input, t_input = s_input.to(amp_dtype), t_input.to(amp_dtype)
         weights = [None if w is None else w.to(amp_dtype) for w in weights]
     s_weight, s_bias, t_weight, t_bias = weights
-    loss_args = (labels, s_hidden, t_hidden, attention_mask, cfg.temperature, cfg.alpha_ce, cfg.alpha_mlm,
+    loss_args = (labels, s_hidden, t_hidden, attention_mask, cfg.temperature, cfg.alpha_ce, cfg.alpha_lm,
                  cfg.alpha_cos, cfg.restrict_ce_to_mask)
     # The loss always runs in fp32 inside the kernels, whatever the inputs' dtype.
     if cfg.loss == "fused":
         return fastdistil.fused_linear_triple_loss(s_input, s_weight, s_bias, t_input.detach(), t_weight, t_bias,
-                                                   *loss_args)
+                                                   *loss_args, alpha_mse=cfg.alpha_mse)
     s_logits = torch.nn.functional.linear(s_input, s_weight, s_bias)
     t_logits = torch.nn.functional.linear(t_input, t_weight, t_bias)
     backend = "reference" if cfg.loss == "reference" else "auto"
-    return fastdistil.triple_loss(s_logits, t_logits, *loss_args, backend=backend)
+    return fastdistil.triple_loss(s_logits, t_logits, *loss_args, alpha_mse=cfg.alpha_mse, backend=backend)
 
 
 @torch.no_grad()
-def heldout_metrics(teacher, student, batches, device) -> dict:
-    """Held-out MLM loss of each model and the student's top-1 agreement with the teacher on masked rows."""
+def heldout_metrics(teacher, student, batches, device, causal: bool = False) -> dict:
+    """Held-out LM loss of each model on the labelled rows (masked, or every next token for a causal teacher),
+    the student's top-1 agreement with the teacher there, and for a causal teacher the perplexities."""
     student.eval()
     totals = {"teacher": 0.0, "student": 0.0, "agree": 0, "rows": 0}
     for input_ids, attention_mask, labels in batches:
@@ -66,5 +72,12 @@ def heldout_metrics(teacher, student, batches, device) -> dict:
         totals["rows"] += int(targets.sum())
     student.train()
     rows = max(totals["rows"], 1)
-    return {"teacher_heldout_mlm_loss": totals["teacher"] / rows, "student_heldout_mlm_loss": totals["student"] / rows,
-            "student_teacher_top1_agreement": totals["agree"] / rows, "heldout_masked_rows": totals["rows"]}
+    lm = "clm" if causal else "mlm"
+    metrics = {f"teacher_heldout_{lm}_loss": totals["teacher"] / rows,
+               f"student_heldout_{lm}_loss": totals["student"] / rows,
+               "student_teacher_top1_agreement": totals["agree"] / rows,
+               "heldout_predicted_rows" if causal else "heldout_masked_rows": totals["rows"]}
+    if causal:
+        metrics |= {f"{who}_heldout_perplexity": math.exp(metrics[f"{who}_heldout_clm_loss"])
+                    for who in ("teacher", "student")}
+    return metrics
