@@ -149,3 +149,22 @@ def test_a_gpt2_run_is_scored_by_perplexity_against_a_random_init_student(gpt2_d
     assert report["models"]["student"]["metrics"]["top1_agreement"] > \
         report["models"]["random_student"]["metrics"]["top1_agreement"]
     assert (out / "eval_perplexity.json").is_file()
+
+
+def test_a_roberta_run_is_fine_tuned_on_a_classification_task(roberta_dir, corpus, tmp_path):
+    out = tmp_path / "run"
+    train.main(train.parse_args(run_args(roberta_dir, corpus, out, "--max-steps", "1")))
+    report = evaluate.main(evaluate.parse_args([str(out), "--max-train-examples", "64", "--max-eval-examples", "32",
+                                                "--epochs", "1", "--max-seq-len", SEQ_LEN]))
+    assert report["task"] == "wiki-topic"
+    assert {"teacher", "student", "random_student"} <= set(report["models"])
+    assert all(0 <= report[name] <= 1 for name in ("teacher", "student", "random_student"))
+
+
+def test_the_built_in_causal_teacher_trains_by_its_name(corpus, tmp_path):
+    out = tmp_path / "run"
+    summary = train.main(train.parse_args(["--teacher", "tiny-gpt2", "--dataset", str(corpus), "--output-dir",
+                                           str(out), "--max-steps", "2", "--batch-size", "4"]))
+    assert summary["student_params"] < 0.62 * summary["teacher_params"]  # the "about 40 % smaller"
+    assert summary["student_heldout_perplexity"] < 2 * summary["teacher_heldout_perplexity"]
+    assert json.loads((out / "config.json").read_text())["teacher"] == "tiny-gpt2"

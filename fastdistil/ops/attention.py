@@ -193,8 +193,8 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
-    is_causal: bool = False,
     backend: Backend = "auto",
+    is_causal: bool = False,  # after backend, which callers from before it existed may pass by position
 ) -> torch.Tensor:
     """Multi-head self-attention, bidirectional or causal, with a key padding mask, fused on GPUs.
 
