@@ -187,12 +187,17 @@ def test_errors_are_one_line_and_exit_2(run_dir, tmp_path, capsys):
         (str(run_dir), "--model", str(run_dir / "student")): r"give either RUN_DIR .* or --model DIR",
         (str(run_dir), "--epochs", "0"): r"--epochs must be > 0, got 0",
     }
+    assert_one_line_errors(cases, capsys)
+    assert not list(run_dir.glob("eval_*.json.tmp"))
+
+
+def assert_one_line_errors(cases: dict, capsys) -> None:
+    """Each command line of cases exits 2 after one line, "error: ..." matching its pattern."""
     for argv, message in cases.items():
         assert evaluate.cli(list(argv)) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: "), err
         assert re.search(message, err), (argv, err)
-    assert not list(run_dir.glob("eval_*.json.tmp"))
 
 
 @pytest.mark.filterwarnings("ignore:torch.cuda.amp.GradScaler is enabled, but CUDA is not available")

@@ -1,6 +1,7 @@
 """The tree's layers, read from every module's imports (at any depth in the module, lazy ones included): the
-Triton kernels import nothing of fastdistil above them, the ops nothing of the training recipe or the
-evaluation, the recipe nothing of the evaluation, and the evaluation not the training loop."""
+Triton kernels import nothing of fastdistil above them, the ops nothing of the training recipe, the evaluation or
+the export, the recipe nothing of the evaluation or the export, the evaluation not the export, and neither the
+evaluation nor the export the training loop."""
 
 import ast
 from pathlib import Path
@@ -11,11 +12,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The importing modules (by prefix) and the fastdistil modules (by prefix) they must not import.
 FORBIDDEN = {
-    "fastdistil.kernels": ("fastdistil.ops", "fastdistil.train", "fastdistil.evaluate", "fastdistil.commands",
-                           "fastdistil.env", "fastdistil.assets"),
-    "fastdistil.ops": ("fastdistil.train", "fastdistil.evaluate", "fastdistil.commands", "fastdistil.env"),
-    "fastdistil.train": ("fastdistil.evaluate", "fastdistil.env"),
-    "fastdistil.evaluate": ("fastdistil.train.loop", "fastdistil.env"),
+    "fastdistil.kernels": ("fastdistil.ops", "fastdistil.train", "fastdistil.evaluate", "fastdistil.export",
+                           "fastdistil.commands", "fastdistil.env", "fastdistil.assets"),
+    "fastdistil.ops": ("fastdistil.train", "fastdistil.evaluate", "fastdistil.export", "fastdistil.commands",
+                       "fastdistil.env"),
+    "fastdistil.train": ("fastdistil.evaluate", "fastdistil.export", "fastdistil.env"),
+    "fastdistil.evaluate": ("fastdistil.train.loop", "fastdistil.export", "fastdistil.env"),
+    # Export sits beside the recipe as evaluation does, and reads evaluation's held-out split.
+    "fastdistil.export": ("fastdistil.train.loop", "fastdistil.env"),
 }
 
 
@@ -52,7 +56,7 @@ def imports(path: Path, name: str) -> set[str]:
 def test_every_module_is_read():
     names = modules()
     assert {"fastdistil.kernels.triple_loss", "fastdistil.ops.triple_loss", "fastdistil.train.loop",
-            "fastdistil.evaluate.finetune"} <= set(names)
+            "fastdistil.evaluate.finetune", "fastdistil.export.command"} <= set(names)
 
 
 @pytest.mark.parametrize("name, path", sorted(modules().items()), ids=sorted(modules()))

@@ -1,4 +1,5 @@
-"""fastdistil.metrics against scikit-learn's and scipy's reference implementations."""
+"""fastdistil.metrics against scikit-learn's and scipy's reference implementations, and SQuAD's against the
+official evaluation scripts' definitions on hand-made cases."""
 
 import numpy as np
 import pytest
@@ -75,10 +76,60 @@ def test_a_task_scores_the_mean_of_its_metrics_over_its_splits():
     assert mnli["score"] == pytest.approx((4 / 6 + 1) / 2)
 
 
-def test_the_task_table_covers_glue_imdb_and_wiki_topic():
+def test_the_task_table_covers_glue_imdb_wiki_topic_and_squad():
     glue = {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"}
-    assert set(tasks.TASKS) == {f"glue/{t}" for t in glue} | {"imdb", "wiki-topic"}
+    assert set(tasks.TASKS) == {f"glue/{t}" for t in glue} | {"imdb", "wiki-topic", "squad", "squad_v2"}
     assert tasks.get_task("glue/cola").metrics == ("matthews_corrcoef",)
     assert tasks.get_task("glue/stsb").is_regression
+    squad, squad_v2 = tasks.get_task("squad"), tasks.get_task("squad_v2")
+    assert squad.is_qa and squad_v2.is_qa and not tasks.get_task("imdb").is_qa
+    assert (squad.no_answer, squad_v2.no_answer) == (False, True)
+    assert squad.metrics == squad_v2.metrics == ("exact_match", "squad_f1")
+    assert squad.outputs == (("start_logits", "start_positions"), ("end_logits", "end_positions"))
     with pytest.raises(ValueError, match=r"unknown task 'glue/nope'.*wiki-topic.*imdb.*glue/sst2"):
         tasks.get_task("glue/nope")
+
+
+@pytest.mark.parametrize("text, normalized", [
+    ("The Eiffel Tower", "eiffel tower"),  # lowercase, the article gone
+    ("  an apple,  a pie and THE  end. ", "apple pie and end"),  # punctuation, articles, whitespace
+    ("theater (in Anaheim)", "theater in anaheim"),  # "the" only as a word
+    ("A", ""),
+    ("1,200-years", "1200years"),  # punctuation removed, not replaced by a space
+    ("\u00c9cole", "\u00e9cole"),  # lowercase beyond ASCII; accents kept
+])
+def test_answers_are_normalized_as_the_official_script_does(text, normalized):
+    assert metrics.normalize_answer(text) == normalized
+
+
+def test_exact_match_and_f1_take_the_best_gold_answer():
+    # gold "the big red dog" -> [big, red, dog]; "red dog barked": 2 shared, precision = recall = 2/3.
+    assert metrics.answer_f1("the big red dog", "red dog barked") == pytest.approx(2 / 3)
+    assert metrics.answer_exact("The big red dog.", "big red dog") == 1.0
+    # Tokens are a bag: "dog" once against "dog dog cat" shares one token, precision 1, recall 1/3.
+    assert metrics.answer_f1("dog dog cat", "dog") == pytest.approx(2 * (1 / 3) / (1 + 1 / 3))
+    assert metrics.answer_f1("dog", "cat") == 0.0
+    predictions = ["Denver Broncos", "red dog barked", "nothing alike"]
+    references = [["Carolina Panthers", "the Denver Broncos"], ["the big red dog", "dog barked"], ["x", "y"]]
+    # The second question's best gold is "dog barked" (F1 0.8 = 2 * 1 * 2/3 / (1 + 2/3)), not "the big red dog".
+    assert metrics.exact_match(predictions, references) == pytest.approx(1 / 3)
+    assert metrics.squad_f1(predictions, references) == pytest.approx((1 + 0.8 + 0) / 3)
+
+
+def test_a_question_without_an_answer_wants_the_empty_answer():
+    # SQuAD v2: no gold answers (or only ones that normalize to nothing) means the gold answer is "".
+    references = [[], [], ["the"], ["Paris"]]
+    predictions = ["", "Paris", "", ""]
+    assert metrics.exact_match(predictions, references) == pytest.approx(2 / 4)
+    assert metrics.squad_f1(predictions, references) == pytest.approx(2 / 4)
+    assert metrics.answer_f1("", "") == 1.0 and metrics.answer_f1("Paris", "") == 0.0
+
+
+def test_squad_scores_through_compute_are_their_mean():
+    task = tasks.get_task("squad")
+    found = metrics.compute(task, {"validation": ["Denver Broncos", "blue"]},
+                            {"validation": [["Denver Broncos"], ["red dog", "a blue dog"]]})
+    assert found["metrics"] == {"exact_match": 0.5, "squad_f1": pytest.approx((1 + 2 / 3) / 2)}
+    assert found["score"] == pytest.approx((0.5 + (1 + 2 / 3) / 2) / 2)
+    with pytest.raises(ValueError, match="predictions and references must be as many, got 1 and 2"):
+        metrics.exact_match(["a"], [["a"], ["b"]])

@@ -1,0 +1,5 @@
+import sys
+
+from fastdistil.export.command import cli
+
+sys.exit(cli())
