@@ -43,13 +43,15 @@ TEMPLATES = BENCH_DIR / "report_templates"
 README_START, README_END = "<!-- report:start -->", "<!-- report:end -->"
 EVAL_KEYS = ("teacher", "student", "random_student", "retention")
 
-# Sanh et al. 2019: Table 3 (a pass over the GLUE STS-B dev set on CPU, an Intel Xeon E5-2690 v3, batch 1) and the
-# GLUE dev macro-score of Table 1.
+# Sanh et al. 2019: Table 3 (a pass over the GLUE STS-B dev set on CPU, an Intel Xeon E5-2690 v3, batch 1), the
+# GLUE dev macro-score of Table 1, and DistilBERT's size on disk (section 4.2, on-device computation: "the whole
+# model weighs 207 MB").
 PAPER = dict(teacher_params=110e6, student_params=66e6, teacher_seconds=668.0, student_seconds=410.0,
-             teacher_glue=79.5, student_glue=77.0)
+             teacher_glue=79.5, student_glue=77.0, student_mb=207)
 
 MEASURE = {
     "inference": "python -m pytest bench/test_bench_inference.py --benchmark-json bench/results/inference.json",
+    "export": "python -m pytest bench/test_bench_export.py --benchmark-json bench/results/export.json",
     "train_step": "python -m pytest bench/test_bench_train_step.py -k \"fp32 and not gpt2\" --benchmark-json "
                   "bench/results/train_step.json",
     "train_step_gpt2": "python -m pytest bench/test_bench_train_step.py -k \"gpt2 and fp32\" --benchmark-json "
@@ -433,6 +435,161 @@ def plot_inference(path: Path, pairs: list[tuple[str, dict]]) -> None:
     save(fig, path)
 
 
+# Export -----------------------------------------------------------------------------------------------------
+
+EXPORT_RUNTIMES = {"pytorch-fp32": ("PyTorch fp32", "tab:gray"), "onnxruntime-fp32": ("ONNX Runtime fp32", "tab:blue"),
+                   "onnxruntime-int8": ("ONNX Runtime int8", "tab:green"),
+                   "torch-int8": ("torch.export int8 (torchao)", "tab:orange")}
+EXPORT_MODELS = ("bert-base", "distilbert-base", "tiny-teacher", "tiny-student")
+EXPORT_PAIRS = (("bert-base", "distilbert-base"), ("tiny-teacher", "tiny-student"))  # (teacher, student)
+# The issue's bar: for the bert-base shape at batch 1, ONNX Runtime int8 runs faster than PyTorch fp32.
+EXPORT_TARGET = ("bert-base", 1, "onnxruntime-int8", "pytorch-fp32")
+
+
+def export_models(tree: dict) -> list[str]:
+    return sorted(tree, key=rank(EXPORT_MODELS))
+
+
+def export_headline(latency: dict) -> list[str]:
+    model, batch_size, fast, base = EXPORT_TARGET
+    by_runtime = latency.get(model, {}).get(batch_size, {})
+    if fast not in by_runtime or base not in by_runtime:
+        return []
+    a, b = by_runtime[fast], by_runtime[base]
+    speedup = median(b) / median(a)
+    return [f"**{model} shape, batch {batch_size}:** {EXPORT_RUNTIMES[fast][0]} runs "
+            f"{timing(a, a['seconds_per_sequence'])} ms per sequence, {EXPORT_RUNTIMES[base][0]} "
+            f"{timing(b, b['seconds_per_sequence'])} ms: {speedup:.2f}× faster, measured in one run (target: "
+            f"faster than {EXPORT_RUNTIMES[base][0]}: {'met' if speedup > 1 else 'NOT met'}).", ""]
+
+
+def export_machine(data: dict, results: list[dict]) -> str:
+    machine = data.get("machine_info", {})
+    first = results[0]
+    versions = first.get("versions") or {}
+    opset = next((r["opset"] for r in results if r.get("opset")), None)
+    return (f"Measured on {machine.get('cpu_model', '?')} ({machine.get('cpu_count', '?')} cores), "
+            f"{first['torch_threads']} threads for PyTorch and ONNX Runtime alike; ONNX opset {opset}, onnxruntime "
+            f"{versions.get('onnxruntime', '?')}, torchao {versions.get('torchao', '?')}, torch "
+            f"{versions.get('torch', '?')}.")
+
+
+def export_size_rows(latency: dict) -> list[list[str]]:
+    rows = []
+    for model in export_models(latency):
+        by_runtime = {rt: r for by_rt in latency[model].values() for rt, r in by_rt.items()}
+        size = {rt: r["size_bytes"] for rt, r in by_runtime.items()}
+        rows.append([model, fmt_params(any_result(by_runtime)["params"]),
+                     *(fmt_mb(size.get(rt)) for rt in EXPORT_RUNTIMES),
+                     ratio(size.get("onnxruntime-int8"), size.get("onnxruntime-fp32"), "{:.2f}")])
+    rows.append(["paper: DistilBERT", fmt_params(PAPER["student_params"]), f"{PAPER['student_mb']} MB", "–", "–", "–",
+                 "–"])
+    return rows
+
+
+def export_latency_rows(latency: dict, batch_size: int) -> list[list[str]]:
+    rows = []
+    for model in export_models(latency):
+        by_runtime = latency[model].get(batch_size, {})
+        if not by_runtime:
+            continue
+        base = by_runtime.get("pytorch-fp32")
+        rows.append([model, *(timing(r, r["seconds_per_sequence"]) if (r := by_runtime.get(rt)) else "–"
+                              for rt in EXPORT_RUNTIMES),
+                     *(ratio(median(base), median(by_runtime.get(rt))) for rt in list(EXPORT_RUNTIMES)[1:])])
+    return rows
+
+
+def export_pair_rows(latency: dict) -> list[list[str]]:
+    """Student / teacher time per runtime, beside the paper's 410 s / 668 s."""
+    rows = []
+    for teacher, student in EXPORT_PAIRS:
+        for batch_size in sorted(set(latency.get(teacher, {})) & set(latency.get(student, {}))):
+            t, s = latency[teacher][batch_size], latency[student][batch_size]
+            rows.append([f"{teacher} → {student}", str(batch_size),
+                         *(ratio(median(s.get(rt)), median(t.get(rt)), "{:.2f}") for rt in EXPORT_RUNTIMES)])
+    paper = f"{PAPER['student_seconds'] / PAPER['teacher_seconds']:.2f}"
+    rows.append(["paper: BERT-base → DistilBERT (STS-B dev pass)", "1", paper, "–", "–", "–"])
+    return rows
+
+
+def export_accuracy_rows(accuracy: dict) -> list[list[str]]:
+    rows = []
+    for model in export_models(accuracy):
+        base = accuracy[model].get("pytorch-fp32")
+        for rt, (label, _) in EXPORT_RUNTIMES.items():
+            if (r := accuracy[model].get(rt)) is None:
+                continue
+            drop = f"{100 * (r['accuracy'] - base['accuracy']):+.2f}" if base else "–"
+            rows.append([model, label, f"{r['accuracy']:.2%}", drop, f"{r['agreement_with_pytorch_fp32']:.2%}",
+                         timing(r)])
+    return rows
+
+
+def export_student_size(results: list[dict]) -> str | None:
+    """The distilbert-base shape's size on disk in fp32 and in ONNX int8, for the summary beside the paper's."""
+    student = nested([r for r in results if r.get("case") == "latency" and r["model"] == "distilbert-base"],
+                     "runtime", "batch_size")
+    fp32, int8 = (student.get(rt) for rt in ("pytorch-fp32", "onnxruntime-int8"))
+    if not (fp32 and int8):
+        return None
+    return (f"{fmt_mb(any_result(fp32)['size_bytes'])} fp32 → {fmt_mb(any_result(int8)['size_bytes'])} ONNX int8 "
+            "(distilbert-base shape)")
+
+
+def export_section(data: dict, results: list[dict], figure) -> list[str]:
+    latency = nested([r for r in results if r.get("case") == "latency"], "model", "batch_size", "runtime")
+    accuracy = nested([r for r in results if r.get("case") == "accuracy"], "model", "runtime")
+    if not latency:
+        return []
+    labels = [label for label, _ in EXPORT_RUNTIMES.values()]
+    parts = ["## Export: size, CPU latency and accuracy of ONNX Runtime and torch.export models", "",
+             *export_headline(latency), export_machine(data, results), "",
+             "### Size on disk", "",
+             *table(["model", "params", *labels, "ONNX int8 / fp32"], export_size_rows(latency)), ""]
+    for batch_size in sorted({b for by_batch in latency.values() for b in by_batch}):
+        parts += [f"### Latency at batch {batch_size}: ms per sequence", "",
+                  *table(["model", *labels, *(f"{label} speed-up" for label in labels[1:])],
+                         export_latency_rows(latency, batch_size)), ""]
+    parts += ["### Student / teacher time, per runtime", "",
+              *table(["pair", "batch", *labels], export_pair_rows(latency), left=2), ""]
+    if accuracy:
+        first = any_result(accuracy)
+        parts += [f"### {first['task']} accuracy of the fine-tuned tiny pair, before and after quantization "
+                  f"({first['eval_examples']:,} held-out texts, {first['max_seq_len']} tokens)", "",
+                  *table(["model", "runtime", "accuracy", "vs PyTorch fp32 (points)", "same prediction as PyTorch "
+                          "fp32", "held-out pass ms"], export_accuracy_rows(accuracy), left=2), ""]
+    r = any_result(latency)
+    parts += [prose("export", n_sequences=r["n_sequences"], tokens=r["tokens"], seq_len_min=r["seq_len_min"],
+                    seq_len_max=r["seq_len_max"], seq_len_median=r["seq_len_median"],
+                    paper_time=PAPER["student_seconds"] / PAPER["teacher_seconds"]),
+              *busy_note(results, data, "model"), ""]
+    parts.append(figure("export", "export size and latency by runtime", plot_export, latency))
+    return parts
+
+
+def plot_export(path: Path, latency: dict) -> None:
+    plt = pyplot()
+    batch_sizes = sorted({b for by_batch in latency.values() for b in by_batch})
+    models = export_models(latency)
+    fig, axes = plt.subplots(1, 1 + len(batch_sizes), figsize=(5.5 * (1 + len(batch_sizes)), 4.2), squeeze=False)
+    sizes = {label: ([(next((r["size_bytes"] for by_rt in latency[m].values() if (r := by_rt.get(rt))), 0)) / MB
+                      for m in models], color) for rt, (label, color) in EXPORT_RUNTIMES.items()}
+    bars(axes[0][0], models, sizes, "MB on disk", "size on disk")
+    for ax, batch_size in zip(axes[0][1:], batch_sizes):
+        series, notes = {}, {}
+        for rt, (label, color) in EXPORT_RUNTIMES.items():
+            runs = [latency[m].get(batch_size, {}).get(rt) for m in models]
+            series[label] = ([r["seconds_per_sequence"] * 1e3 if r else 0 for r in runs], color)
+            base = [latency[m].get(batch_size, {}).get("pytorch-fp32") for m in models]
+            notes[label] = [ratio(median(b), median(r), "{:.1f}×") for b, r in zip(base, runs)]
+        bars(ax, models, series, "ms per sequence (log)", f"latency at batch {batch_size} (bars: speed-up vs PyTorch "
+             "fp32)", annotations=notes)
+    for ax in axes[0]:  # the bert-base shapes and the tiny pair differ by two orders of magnitude
+        ax.set_yscale("log")
+    save(fig, path)
+
+
 # Downstream retention ---------------------------------------------------------------------------------------
 
 
@@ -669,7 +826,7 @@ def plot_gpu_kernels(path: Path, results: list[dict], suffix: str) -> None:
 
 # The report -------------------------------------------------------------------------------------------------
 
-SUITES = {"inference": inference_section, "train_step": train_step_section,
+SUITES = {"inference": inference_section, "export": export_section, "train_step": train_step_section,
           "train_step_gpt2": functools.partial(train_step_section, model="gpt2"), "triple_loss": triple_loss_section,
           "fused_linear": fused_linear_section}
 
@@ -718,6 +875,7 @@ def paper_summary(runs: dict, evals: list[dict]) -> list[str]:
                 times.append(f"{median(roles['student']) / median(roles['teacher']):.2f} at batch {batch_size}")
         time = ", ".join(times) + " (fastdistil attention, corpus sequences)" if times else time
     retention = ", ".join(f"{e['retention']:.1%} ({eval_label(e, evals)}, {e.get('task', '?')})" for e in evals)
+    size = export_student_size(runs["export"][1]) if "export" in runs else None
     p = PAPER
     return table(["", "paper (BERT-base → DistilBERT)", "fastdistil, this machine"], [
         ["parameters", f"{fmt_params(p['teacher_params'])} → {fmt_params(p['student_params'])} "
@@ -727,6 +885,7 @@ def paper_summary(runs: dict, evals: list[dict]) -> list[str]:
                                               "batch 1)", time],
         ["score retained", f"{p['student_glue']} / {p['teacher_glue']} = {p['student_glue'] / p['teacher_glue']:.0%}"
                            " (GLUE dev macro-score)", retention or "not measured"],
+        ["student size on disk", f"{p['student_mb']} MB (fp32)", size or "not measured"],
     ], left=3)
 
 

@@ -48,6 +48,35 @@ def inference_results(teacher_s: float, student_s: float) -> list[tuple[float, d
     return results
 
 
+EXPORT_SIZES = {"pytorch-fp32": 438e6, "onnxruntime-fp32": 439e6, "onnxruntime-int8": 111e6, "torch-int8": 187e6}
+
+
+def export_results(int8_s: float = 0.8) -> list[tuple[float, dict]]:
+    """test_bench_export's results: 32 sequences a round; bert-base in PyTorch fp32 3.2 s a round, in ONNX Runtime
+    int8 `int8_s`; each student half its teacher's time and size; the tiny pair's held-out accuracy."""
+    seconds = {"pytorch-fp32": 3.2, "onnxruntime-fp32": 2.4, "onnxruntime-int8": int8_s, "torch-int8": 4.0}
+    models = {"bert-base": (109_491_468, 1.0), "distilbert-base": (66_962_700, 0.5), "tiny-teacher": (4_734_860, 0.05),
+              "tiny-student": (4_338_060, 0.025)}
+    common = dict(torch_threads=2, opset=18, versions={"onnxruntime": "1.32.0", "torchao": "0.18.0",
+                                                       "torch": "2.13.0+cpu"}, other_cpu_fraction=0.01)
+    results = []
+    for model, (params, scale) in models.items():
+        for runtime, s in seconds.items():
+            info = dict(model=model, runtime=runtime, params=params, size_bytes=EXPORT_SIZES[runtime] * scale,
+                        **common)
+            for batch_size in (1, 32):
+                results.append((s * scale, dict(info, case="latency", batch_size=batch_size, n_sequences=32,
+                                                tokens=2636, seq_len_min=15, seq_len_max=128, seq_len_median=83.5,
+                                                seconds_per_sequence=s * scale / 32)))
+            if model.startswith("tiny"):
+                accuracy = {"pytorch-fp32": 0.8, "onnxruntime-fp32": 0.8, "onnxruntime-int8": 0.79,
+                            "torch-int8": 0.795}[runtime]
+                results.append((0.5, dict(info, case="accuracy", task="wiki-topic", eval_examples=2063,
+                                          max_seq_len=64, accuracy=accuracy,
+                                          agreement_with_pytorch_fp32=1.0 if accuracy == 0.8 else 0.985)))
+    return results
+
+
 def fused_linear_results() -> list[tuple[float, dict]]:
     peaks = {"fused_linear": 100e6, "project_fused": 1000e6, "reference": 3000e6}
     times = {"fused_linear": 1.0, "project_fused": 1.0, "reference": 4.0}
@@ -130,6 +159,7 @@ def results_dir(tmp_path) -> Path:
     for name in ("triple_loss.json", "train_step.json", "train_step_gpt2.json"):
         shutil.copy(BENCH_DIR / "results" / name, out / name)
     bench_json(out / "inference.json", inference_results(teacher_s=2.0, student_s=1.2))
+    bench_json(out / "export.json", export_results())
     bench_json(out / "fused_linear.json", fused_linear_results())
     bench_json(out / "gpu.json", gpu_results(GPU))
     bench_json(out / "train_step_gpu.json", gpu_step_results(GPU))
@@ -146,7 +176,7 @@ def test_report_has_every_section_table_and_plot(results_dir, tmp_path):
     report.main(["--results-dir", str(results_dir), "--eval", str(eval_path)])
     text = (results_dir / "REPORT.md").read_text()
 
-    headings = ("## fastdistil beside the paper", "## Size and inference latency", "## Training step:",
+    headings = ("## fastdistil beside the paper", "## Size and inference latency", "## Export:", "## Training step:",
                 "## Training step, GPT-2 → DistilGPT2", "## Triple loss", "## Vocabulary projection + triple loss",
                 "## GPU: NVIDIA H100 80GB HBM3", "## Downstream retention")
     assert [text.index(heading) for heading in headings] == sorted(text.index(heading) for heading in headings)
@@ -167,10 +197,39 @@ def test_report_has_every_section_table_and_plot(results_dir, tmp_path):
     assert "| 5.24.0 |" in text
 
     links = image_links(text)
-    assert sorted(links) == ["fused_linear.png", "gpu_kernels.png", "gpu_train_step.png", "inference.png",
+    assert sorted(links) == ["export.png", "fused_linear.png", "gpu_kernels.png", "gpu_train_step.png", "inference.png",
                              "retention.png", "train_step.png", "train_step_gpt2.png", "triple_loss.png"]
     for link in links:
         assert (results_dir / link).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_export_section(tmp_path):
+    """The exports beside PyTorch fp32 and the paper: sizes, speed-ups and the student / teacher ratio per runtime
+    computed from the medians, the issue's bar (ONNX Runtime int8 faster than PyTorch fp32, bert-base, batch 1)
+    judged, the accuracy drop, and the CPU and threads named."""
+    bench_json(tmp_path / "export.json", export_results())
+    report.main(["--results-dir", str(tmp_path), "--no-plots"])
+    text = (tmp_path / "REPORT.md").read_text()
+
+    # 3.2 s and 0.8 s over 32 sequences.
+    assert ("**bert-base shape, batch 1:** ONNX Runtime int8 runs 25.0 ms per sequence, PyTorch fp32 100 ms: 4.00× "
+            "faster, measured in one run (target: faster than PyTorch fp32: met).") in text
+    assert ("Measured on Test CPU (2 cores), 2 threads for PyTorch and ONNX Runtime alike; ONNX opset 18, onnxruntime "
+            "1.32.0, torchao 0.18.0") in text
+    assert "| bert-base | 109.5 M | 438 MB | 439 MB | 111 MB | 187 MB | 0.25 |" in text
+    assert "| paper: DistilBERT | 66.0 M | 207 MB | – | – | – | – |" in text
+    # Speed-ups over PyTorch fp32: 3.2 / 2.4, 3.2 / 0.8, 3.2 / 4.0.
+    assert "| bert-base | 100 | 75.0 | 25.0 | 125 | 1.33× | 4.00× | 0.80× |" in text
+    assert "| bert-base → distilbert-base | 1 | 0.50 | 0.50 | 0.50 | 0.50 |" in text
+    assert "| paper: BERT-base → DistilBERT (STS-B dev pass) | 1 | 0.61 | – | – | – |" in text
+    assert "the fine-tuned tiny pair, before and after quantization (2,063 held-out texts, 64 tokens)" in text
+    assert "| tiny-teacher | ONNX Runtime int8 | 79.00% | -1.00 | 98.50% |" in text
+    assert "| student size on disk | 207 MB (fp32) | 219 MB fp32 → 56 MB ONNX int8 (distilbert-base shape) |" in text
+
+    bench_json(tmp_path / "export.json", export_results(int8_s=4.0))
+    report.main(["--results-dir", str(tmp_path), "--no-plots"])
+    assert "0.80× faster, measured in one run (target: faster than PyTorch fp32: NOT met)" in (
+        tmp_path / "REPORT.md").read_text()
 
 
 def step_results(model: str | None, seconds: dict[str, float], peaks: dict[str, float]) -> list[tuple[float, dict]]:
@@ -224,7 +283,7 @@ def test_missing_inputs_are_named_not_fatal(tmp_path):
     out = tmp_path / "out" / "REPORT.md"
     report.main(["--results-dir", str(empty), "--out", str(out), "--eval", str(tmp_path / "nowhere.json")])
     text = out.read_text()
-    for name in ("inference", "train_step", "triple_loss", "fused_linear"):
+    for name in ("inference", "export", "train_step", "triple_loss", "fused_linear"):
         assert f"- {name}: {name}.json not found; measure it with `python -m pytest" in text
     for name in ("gpu", "train_step_gpu"):
         assert f"- {name}: {name}.json not found; measure it on a GPU machine" in text
