@@ -4,12 +4,13 @@ PNG plots, the paper's published numbers beside ours.
     python -m bench.report [--results-dir bench/results] [--eval RUN_DIR/eval_wiki-topic.json ...]
                            [--out bench/results/REPORT.md] [--readme README.md]
 
-reads whichever of inference.json, train_step.json, train_step_gpt2.json (the training step's BERT and GPT-2
+reads whichever of inference.json, export.json, train_step.json, train_step_gpt2.json (the training step's BERT and GPT-2
 rows), triple_loss.json, fused_linear.json (CPU), gpu.json and train_step_gpu.json (a GPU machine's
 test_bench_gpu.py and CUDA training step) exist in the results folder (pytest --benchmark-json files of the bench/
 suites; a missing one is named in the report, with the command that measures it) and the `python -m
-fastdistil.evaluate` outputs given with --eval, writes the report and its plots (inference.png, train_step.png,
-train_step_gpt2.png, triple_loss.png, fused_linear.png, gpu_kernels.png, gpu_train_step.png, retention.png; none
+fastdistil.evaluate` outputs given with --eval (those of `--distill`, one per seed, make the task-distillation
+section), writes the report and its plots (inference.png, export.png, train_step.png, train_step_gpt2.png,
+triple_loss.png, fused_linear.png, gpu_kernels.png, gpu_train_step.png, retention.png, task_distillation.png; none
 with --no-plots) next to it, and with --readme replaces what stands between the README's
 `<!-- report:start -->` and `<!-- report:end -->` lines with the same report, its image links made relative to the
 README.
@@ -47,7 +48,9 @@ EVAL_KEYS = ("teacher", "student", "random_student", "retention")
 # GLUE dev macro-score of Table 1, and DistilBERT's size on disk (section 4.2, on-device computation: "the whole
 # model weighs 207 MB").
 PAPER = dict(teacher_params=110e6, student_params=66e6, teacher_seconds=668.0, student_seconds=410.0,
-             teacher_glue=79.5, student_glue=77.0, student_mb=207)
+             teacher_glue=79.5, student_glue=77.0, student_mb=207,
+             # Table 2, SQuAD 1.1 dev EM / F1: BERT-base, DistilBERT, DistilBERT (D) (a second distillation step)
+             teacher_squad=(81.2, 88.5), student_squad=(77.7, 85.8), student_d_squad=(79.1, 86.9))
 
 MEASURE = {
     "inference": "python -m pytest bench/test_bench_inference.py --benchmark-json bench/results/inference.json",
@@ -601,6 +604,7 @@ def eval_label(result: dict, results: list[dict]) -> str:
 
 
 def retention_section(evals: list[dict], figure) -> list[str]:
+    evals = [e for e in evals if "student_distilled" not in e]  # those have a section of their own
     if not evals:
         return []
     cols = ["run", "task", "score", "teacher", "student", "random-init student", "retention", "teacher params",
@@ -632,6 +636,66 @@ def plot_retention(path: Path, evals: list[dict]) -> None:
               "random-init student": ([e["random_student"] for e in evals], "tab:red")}
     bars(ax, labels, series, "score", "downstream score (student bars: retention; paper: 97 %)",
          annotations={"student": [f"{e['retention']:.0%}" for e in evals]})
+    save(fig, path)
+
+
+# Task-specific distillation ---------------------------------------------------------------------------------
+
+
+def mean_spread(values: list[float]) -> str:
+    """mean ± sample standard deviation, in percent."""
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.1%} ± {spread:.1%}"
+
+
+def kl_to_teacher(result: dict, model: str) -> str:
+    kl = ((result.get("models") or {}).get(model) or {}).get("kl_to_teacher")
+    return f"{kl:.3f}" if isinstance(kl, (int, float)) else "–"
+
+
+def task_distillation_section(evals: list[dict], figure) -> list[str]:
+    """Students fine-tuned with and without the fine-tuned teacher's task logits (`evaluate --distill`), one row
+    per evaluation (seed), with the mean and spread of both retentions and the paper's Table 2 beside them."""
+    evals = [e for e in evals if isinstance(e.get("student_distilled"), (int, float))]
+    if not evals:
+        return []
+    cols = ["run", "task", "seed", "teacher", "student", "student (D)", "retention", "retention (D)",
+            "KL to teacher", "KL to teacher (D)"]
+    rows = [[e["path"].resolve().parent.name, str(e.get("task", "–")), str((e.get("hyperparameters") or {}).get("seed", "–")),
+             f"{e['teacher']:.4g}", f"{e['student']:.4g}", f"{e['student_distilled']:.4g}",
+             f"{e['student'] / e['teacher']:.1%}", f"{e['student_distilled'] / e['teacher']:.1%}",
+             kl_to_teacher(e, "student"), kl_to_teacher(e, "student_distilled")] for e in evals]
+    plain = [e["student"] / e["teacher"] for e in evals]
+    distilled = [e["student_distilled"] / e["teacher"] for e in evals]
+    gains = [e["student_distilled"] - e["student"] for e in evals]
+    rows.append([f"mean ± sd of {len(evals)}", "", "", "", "", "", mean_spread(plain), mean_spread(distilled), "", ""])
+    p = PAPER
+    rows.append(["paper: BERT-base → DistilBERT", "SQuAD 1.1 dev", "", f"{p['teacher_squad'][0]} / "
+                 f"{p['teacher_squad'][1]}", f"{p['student_squad'][0]} / {p['student_squad'][1]}",
+                 f"{p['student_d_squad'][0]} / {p['student_d_squad'][1]}",
+                 " / ".join(f"{s / t:.1%}" for s, t in zip(p["student_squad"], p["teacher_squad"])),
+                 " / ".join(f"{s / t:.1%}" for s, t in zip(p["student_d_squad"], p["teacher_squad"])), "–", "–"])
+    better = sum(g > 0 for g in gains)
+    return ["## Task-specific distillation: fine-tuning with the teacher's task logits", "",
+            *table(cols, rows, left=3), "",
+            prose("task_distillation", n=len(evals), better=better,
+                  gain_mean=100 * statistics.fmean(gains), gain_min=100 * min(gains), gain_max=100 * max(gains)), "",
+            figure("task_distillation", "task-specific distillation", plot_task_distillation, evals), ""]
+
+
+def plot_task_distillation(path: Path, evals: list[dict]) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.2 * len(evals)), 3.8))
+    labels = [f"{e.get('task', '')}, seed {(e.get('hyperparameters') or {}).get('seed', '?')}" for e in evals]
+    series = {"teacher": ([e["teacher"] for e in evals], "tab:gray"),
+              "student": ([e["student"] for e in evals], "tab:blue"),
+              "student (D)": ([e["student_distilled"] for e in evals], "tab:green"),
+              "random-init student": ([e["random_student"] for e in evals], "tab:red")}
+    bars(ax, labels, series, "score", "fine-tuning with (D) and without the teacher's logits (bars: retention)",
+         annotations={"student": [f"{e['student'] / e['teacher']:.1%}" for e in evals],
+                      "student (D)": [f"{e['student_distilled'] / e['teacher']:.1%}" for e in evals]})
+    ax.legend(fontsize=8, ncol=len(series), loc="upper center")  # one row: the bars reach near the top
     save(fig, path)
 
 
@@ -874,7 +938,14 @@ def paper_summary(runs: dict, evals: list[dict]) -> list[str]:
             if "teacher" in roles and "student" in roles:
                 times.append(f"{median(roles['student']) / median(roles['teacher']):.2f} at batch {batch_size}")
         time = ", ".join(times) + " (fastdistil attention, corpus sequences)" if times else time
-    retention = ", ".join(f"{e['retention']:.1%} ({eval_label(e, evals)}, {e.get('task', '?')})" for e in evals)
+    plain = [e for e in evals if "student_distilled" not in e]
+    retained = [f"{e['retention']:.1%} ({eval_label(e, plain)}, {e.get('task', '?')})" for e in plain]
+    distilled = [e for e in evals if "student_distilled" in e]
+    if distilled:
+        retained.append(f"{mean_spread([e['student'] / e['teacher'] for e in distilled])} fine-tuned alone, "
+                        f"{mean_spread([e['student_distilled'] / e['teacher'] for e in distilled])} with task "
+                        f"distillation ({len(distilled)} seeds, {distilled[0].get('task', '?')})")
+    retention = "; ".join(retained)
     size = export_student_size(runs["export"][1]) if "export" in runs else None
     p = PAPER
     return table(["", "paper (BERT-base → DistilBERT)", "fastdistil, this machine"], [
@@ -923,6 +994,8 @@ def build(results_dir: Path, eval_paths: list[Path], figure) -> tuple[str, list[
     gpu = gpu_section({name: runs[name] for name in GPU_SUITES if name in runs}, figure)
     sections += gpu + [""] if gpu else []
     sections += retention_section(evals, figure)
+    distilled = task_distillation_section(evals, figure)
+    sections += [""] + distilled if distilled and sections and sections[-1] else distilled
     parts = ["## fastdistil beside the paper", "", *paper_summary(runs, evals), ""]
     if runs:
         parts += ["Measured on (per results file; † other processes took more than "
