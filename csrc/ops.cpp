@@ -45,6 +45,25 @@ TORCH_LIBRARY(fastdistil, m) {
   // grad's device), in fp32 with a single rounding, and nothing at all when scale is exactly 1.
   m.def("_scale_gradient_(Tensor(a!) grad, Tensor scale) -> ()");
 
+  // --- the triple loss against a cached top-k teacher (sparse_triple_loss.py) ---
+  // The teacher is its top-k raw logits, their indices (int16, int32 or int64) and its log-sum-exp over the
+  // whole vocabulary at T = 1 and at T ([..., 2] fp32): the top-k probabilities are exact, and `tail` says what
+  // becomes of the rest of the teacher's mass: "bucket" (one more class, matched against the student's tail) or
+  // "renormalize" (the top-k renormalized to sum to 1). No MSE term: it needs every teacher logit (loss_mse 0).
+  m.def(
+      "sparse_triple_loss(Tensor student_logits, Tensor teacher_topk_logits, Tensor teacher_topk_indices, "
+      "Tensor teacher_logsumexp, Tensor labels, Tensor student_hidden, Tensor teacher_hidden, "
+      "Tensor attention_mask, float temperature=2.0, float alpha_ce=5.0, float alpha_mlm=2.0, "
+      "float alpha_cos=1.0, bool restrict_ce_to_mask=False, str tail=\"bucket\") "
+      "-> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos)");
+  m.def(
+      "_sparse_triple_loss_forward(Tensor student_logits, Tensor teacher_topk_logits, Tensor teacher_topk_indices, "
+      "Tensor teacher_logsumexp, Tensor labels, Tensor student_hidden, Tensor teacher_hidden, "
+      "Tensor attention_mask, float temperature, float alpha_ce, float alpha_mlm, float alpha_cos, "
+      "bool restrict_ce_to_mask, str tail) "
+      "-> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos, Tensor loss_mse, "
+      "Tensor grad_student_logits, Tensor grad_student_hidden, Tensor logits_grad_scale)");
+
   // --- the vocabulary projections and the triple loss, chunk by chunk (fused_linear_triple_loss.py) ---
   m.def(
       "fused_linear_triple_loss(Tensor student_input, Tensor student_weight, Tensor? student_bias, "
@@ -61,6 +80,22 @@ TORCH_LIBRARY(fastdistil, m) {
       "float alpha_mlm=2.0, float alpha_cos=1.0, bool restrict_ce_to_mask=False, int chunk_size=0, "
       "float alpha_mse=0.0) -> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos, Tensor loss_mse, "
       "Tensor grad_student_input, Tensor grad_student_weight, Tensor grad_student_bias, "
+      "Tensor grad_student_hidden, Tensor logits_grad_scale)");
+  // The same chunk by chunk against a cached top-k teacher (fused_linear_sparse_triple_loss.py): the student's
+  // projection only, the teacher being sparse_triple_loss's.
+  m.def(
+      "fused_linear_sparse_triple_loss(Tensor student_input, Tensor student_weight, Tensor? student_bias, "
+      "Tensor teacher_topk_logits, Tensor teacher_topk_indices, Tensor teacher_logsumexp, Tensor labels, "
+      "Tensor student_hidden, Tensor teacher_hidden, Tensor attention_mask, float temperature=2.0, "
+      "float alpha_ce=5.0, float alpha_mlm=2.0, float alpha_cos=1.0, bool restrict_ce_to_mask=False, "
+      "str tail=\"bucket\", int chunk_size=0) -> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos)");
+  m.def(
+      "_fused_linear_sparse_triple_loss_forward(Tensor student_input, Tensor student_weight, Tensor? student_bias, "
+      "Tensor teacher_topk_logits, Tensor teacher_topk_indices, Tensor teacher_logsumexp, Tensor labels, "
+      "Tensor student_hidden, Tensor teacher_hidden, Tensor attention_mask, float temperature=2.0, "
+      "float alpha_ce=5.0, float alpha_mlm=2.0, float alpha_cos=1.0, bool restrict_ce_to_mask=False, "
+      "str tail=\"bucket\", int chunk_size=0) -> (Tensor loss, Tensor loss_ce, Tensor loss_mlm, Tensor loss_cos, "
+      "Tensor loss_mse, Tensor grad_student_input, Tensor grad_student_weight, Tensor grad_student_bias, "
       "Tensor grad_student_hidden, Tensor logits_grad_scale)");
 
   // --- the student's attention (attention.py) ---

@@ -10,6 +10,9 @@
 // kernels/gradient_scale.py explains the rule and computes the same P on the device for the Triton kernel.
 //
 // The loss terms, in the order of the private forward's outputs: loss, loss_ce, loss_mlm, loss_cos, loss_mse.
+//
+// The host code that the sparse loss (sparse_triple_loss_cpu.cpp) shares is defined here too, declared in
+// triple_loss.h: the input checks, the row counts, the loss terms, the float64 MLM and cosine terms.
 
 #include <torch/extension.h>
 
@@ -31,98 +34,186 @@ namespace fastdistil {
 
 namespace {
 
-RowsFn rows_for(CpuIsa isa) {
-  if (isa == CpuIsa::Avx512) return &avx512::rows;
-  if (isa == CpuIsa::Avx2) return &avx2::rows;
-  return &vec128::rows;
-}
-
 bool is_logit_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
-// float64 exists for torch.autograd.gradcheck: the row kernels' formulas (same normalizers, same gradient,
-// same zero rows) written with ATen ops in double precision. Fills the per-row partials and both gradients.
-void float64_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& labels, const at::Tensor& hs,
-                  const at::Tensor& ht, const std::vector<uint8_t>& selected_rows, const at::Tensor& real_rows,
-                  double temperature, double kl_coef, double ce_coef, double cos_coef, double mse_coef,
-                  at::Tensor& grad_logits, at::Tensor& grad_hidden, double* kl_rows, double* ce_rows,
-                  double* cos_rows, double* mse_rows) {
-  const int64_t N = labels.numel(), V = s.size(-1), D = hs.size(-1);
-  const auto opts = s.options();
-  const auto s2 = s.reshape({N, V}), t2 = t.reshape({N, V}), hs2 = hs.reshape({N, D}), ht2 = ht.reshape({N, D});
+}  // namespace
+
+// --- shared with sparse_triple_loss_cpu.cpp (triple_loss.h) ---
+
+void check_logit_inputs(const char* op, const at::Tensor& s, c10::ArrayRef<NamedTensor> others,
+                        c10::ArrayRef<NamedTensor> floating) {
+  for (const auto& [name, tensor] : others) {
+    TORCH_CHECK(tensor->device() == s.device(), op, ": ", name, " is on ", tensor->device(),
+                " but student_logits is on ", s.device(), "; expected all inputs on one device");
+  }
+  const bool float64 = s.scalar_type() == at::kDouble;
+  for (const auto& [name, tensor] : floating) {
+    if (float64) {
+      TORCH_CHECK(tensor->scalar_type() == at::kDouble, op, ": ", name,
+                  " must be float64 like student_logits (float64 is for gradient checks), got ", tensor->scalar_type());
+    } else {
+      TORCH_CHECK(is_logit_dtype(tensor->scalar_type()), op, ": ", name,
+                  " must be float32, bfloat16 or float16, got ", tensor->scalar_type());
+    }
+  }
+  TORCH_CHECK(s.dim() >= 1 && s.size(-1) > 0, op, ": student_logits must be [..., V] with V > 0, got shape ",
+              s.sizes());
+}
+
+void check_row_inputs(const char* op, const at::Tensor& s, const at::Tensor& labels, const at::Tensor& hs,
+                      const at::Tensor& ht, const at::Tensor& mask, double temperature,
+                      c10::ArrayRef<std::pair<const char*, double>> alphas) {
+  const auto lead = s.sizes().slice(0, s.dim() - 1);
+  TORCH_CHECK(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK(labels.sizes() == lead, op, ": labels must have shape ", lead, " (student_logits without V), got ",
+              labels.sizes());
+  TORCH_CHECK(mask.scalar_type() == at::kBool || at::isIntegralType(mask.scalar_type(), /*includeBool=*/false), op,
+              ": attention_mask must be bool or integer, got ", mask.scalar_type());
+  TORCH_CHECK(mask.sizes() == lead, op, ": attention_mask must have shape ", lead, ", got ", mask.sizes());
+  TORCH_CHECK(hs.dim() >= 1 && hs.size(-1) > 0 && hs.sizes().slice(0, hs.dim() - 1) == lead, op,
+              ": student_hidden must have shape [", lead, ", D] with D > 0, got ", hs.sizes());
+  TORCH_CHECK(ht.sizes() == hs.sizes(), op, ": teacher_hidden must have the shape of student_hidden ", hs.sizes(),
+              ", got ", ht.sizes());
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op, ": temperature must be > 0 and finite, got ",
+              temperature);
+  for (const auto& [name, value] : alphas) {
+    TORCH_CHECK(std::isfinite(value) && value >= 0, op, ": ", name, " must be >= 0 and finite, got ", value);
+  }
+}
+
+RowCounts count_rows(const char* op, const int64_t* labels, const uint8_t* real, int64_t N, int64_t V,
+                     bool restrict_ce_to_mask) {
+  RowCounts out;
+  out.selected.resize(N);
+  for (int64_t r = 0; r < N; ++r) {
+    const int64_t y = labels[r];
+    TORCH_CHECK(y == -100 || (y >= 0 && y < V), op, ": labels must be in [0, ", V, ") or -100 (not a target), got ",
+                y, " at flat position ", r);
+    out.selected[r] = restrict_ce_to_mask ? (y != -100) : real[r];
+    out.n_selected += out.selected[r];
+    out.n_labelled += y != -100;
+    out.n_real += real[r];
+  }
+  return out;
+}
+
+RowPartials row_partials(int64_t N) {
+  return {std::vector<double>(N, 0.0), std::vector<double>(N, 0.0), std::vector<double>(N, 0.0),
+          std::vector<double>(N, 0.0)};
+}
+
+Terms loss_terms(const RowCounts& counts, const RowPartials& partials, double temperature, double alpha_ce,
+                 double alpha_mlm, double alpha_cos, double alpha_mse, bool float64) {
+  double kl = 0.0, ce = 0.0, cos = 0.0, sq = 0.0;
+  for (size_t r = 0; r < partials.kl.size(); ++r) {
+    kl += partials.kl[r];
+    ce += partials.ce[r];
+    cos += partials.cos[r];
+    sq += partials.mse[r];
+  }
+  const int64_t n_selected = counts.n_selected, n_labelled = counts.n_labelled, n_real = counts.n_real;
+  const double loss_ce = n_selected ? kl * temperature * temperature / n_selected : 0.0;
+  const double loss_mlm = n_labelled ? ce / n_labelled : 0.0;
+  const double loss_cos = n_real ? cos / n_real : 0.0;
+  const double loss_mse = n_selected ? sq / n_selected : 0.0;
+  const double loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos + alpha_mse * loss_mse;
+  return {scalar_tensor(loss, float64), scalar_tensor(loss_ce, float64), scalar_tensor(loss_mlm, float64),
+          scalar_tensor(loss_cos, float64), scalar_tensor(loss_mse, float64)};
+}
+
+// The loss terms are fp32 scalars, float64 for float64 inputs (gradcheck needs the extra digits).
+at::Tensor scalar_tensor(double v, bool float64) {
+  return at::scalar_tensor(v, at::TensorOptions().dtype(float64 ? at::kDouble : at::kFloat));
+}
+
+// 2^k with P * bound in (2^14, 2^15], 1 when no row has a gradient.
+double fp16_logits_grad_scale(double bound) {
+  if (!(bound > 0)) return 1.0;
+  const double exponent = std::floor(std::log2(32768.0 / bound));
+  return std::ldexp(1.0, static_cast<int>(std::clamp(exponent, -126.0, 126.0)));
+}
+
+at::Tensor hidden_gradient(const at::Tensor& student_hidden) {
+  const auto dtype = student_hidden.scalar_type() == at::kHalf ? at::kFloat : student_hidden.scalar_type();
+  return at::empty(student_hidden.sizes(),
+                   student_hidden.options().dtype(dtype).memory_format(at::MemoryFormat::Contiguous));
+}
+
+HiddenArgs hidden_args(const at::Tensor& hs, const at::Tensor& ht, at::Tensor& grad_hidden, const uint8_t* real,
+                       double cos_coef, double* cos_rows) {
+  return {hs.data_ptr(),     ht.data_ptr(),     grad_hidden.data_ptr(),    real, hs.size(-1),
+          hs.scalar_type(), ht.scalar_type(), grad_hidden.scalar_type(), static_cast<float>(cos_coef), cos_rows};
+}
+
+void float64_mlm_and_cosine(const at::Tensor& s2, const at::Tensor& labels, const at::Tensor& hs,
+                            const at::Tensor& ht, const at::Tensor& real_rows, double ce_coef, double cos_coef,
+                            at::Tensor& grad, at::Tensor& grad_hidden, RowPartials& partials) {
+  const int64_t N = s2.size(0), D = hs.size(-1);
+  const auto opts = s2.options();
   const auto lab = labels.reshape({N});
-  const auto selected = at::from_blob(const_cast<uint8_t*>(selected_rows.data()), {N}, at::kByte).to(opts);
   const auto labelled = lab.ne(-100).to(opts);
-  const auto real = real_rows.reshape({N}).to(opts);
-  const auto log_q = at::log_softmax(s2 / temperature, -1), log_p = at::log_softmax(t2 / temperature, -1);
-  const auto p = log_p.exp();
-  const auto kl = (p * (log_p - log_q)).sum(-1) * selected;
   const auto target = lab.clamp_min(0).unsqueeze(1);
   const auto log_sm = at::log_softmax(s2, -1);
   const auto ce = -log_sm.gather(1, target).squeeze(1) * labelled;
-  auto grad = (log_q.exp() - p) * (selected * kl_coef).unsqueeze(1);
   grad += (log_sm.exp() - at::zeros_like(s2).scatter_(1, target, 1.0)) * (labelled * ce_coef).unsqueeze(1);
-  const auto diff = s2 - t2;
-  const auto mse = (diff * diff).sum(-1) * selected;
-  grad += diff * (selected * mse_coef).unsqueeze(1);
-  grad_logits.copy_(grad.reshape(s.sizes()));
+  const auto hs2 = hs.reshape({N, D}), ht2 = ht.reshape({N, D});
+  const auto real = real_rows.reshape({N}).to(opts);
   const auto ss = (hs2 * hs2).sum(-1) + 1e-12, tt = (ht2 * ht2).sum(-1) + 1e-12;
   const auto denom = (ss * tt).sqrt();
   const auto cos = (hs2 * ht2).sum(-1) / denom;
   const auto grad_h = (ht2 / denom.unsqueeze(1) - hs2 * (cos / ss).unsqueeze(1)) * (real * -cos_coef).unsqueeze(1);
   grad_hidden.copy_(grad_h.reshape(hs.sizes()));
   const auto cos_loss = (1.0 - cos) * real;
-  std::memcpy(kl_rows, kl.contiguous().data_ptr<double>(), N * sizeof(double));
-  std::memcpy(ce_rows, ce.contiguous().data_ptr<double>(), N * sizeof(double));
-  std::memcpy(cos_rows, cos_loss.contiguous().data_ptr<double>(), N * sizeof(double));
-  std::memcpy(mse_rows, mse.contiguous().data_ptr<double>(), N * sizeof(double));
+  std::memcpy(partials.ce.data(), ce.contiguous().data_ptr<double>(), N * sizeof(double));
+  std::memcpy(partials.cos.data(), cos_loss.contiguous().data_ptr<double>(), N * sizeof(double));
 }
 
-// Every check runs before anything is written, so a bad call leaves the output buffers as they were. The words
-// are fastdistil/ops/checks.py's, which the Python API checks first.
+namespace {
+
+RowsFn rows_for(CpuIsa isa) {
+  if (isa == CpuIsa::Avx512) return &avx512::rows;
+  if (isa == CpuIsa::Avx2) return &avx2::rows;
+  return &vec128::rows;
+}
+
+// float64 exists for torch.autograd.gradcheck: the row kernels' formulas (same normalizers, same gradient,
+// same zero rows) written with ATen ops in double precision. Fills the per-row partials and both gradients.
+void float64_rows(const at::Tensor& s, const at::Tensor& t, const at::Tensor& labels, const at::Tensor& hs,
+                  const at::Tensor& ht, const std::vector<uint8_t>& selected_rows, const at::Tensor& real_rows,
+                  double temperature, double kl_coef, double ce_coef, double cos_coef, double mse_coef,
+                  at::Tensor& grad_logits, at::Tensor& grad_hidden, RowPartials& partials) {
+  const int64_t N = labels.numel(), V = s.size(-1);
+  const auto opts = s.options();
+  const auto s2 = s.reshape({N, V}), t2 = t.reshape({N, V});
+  const auto selected = at::from_blob(const_cast<uint8_t*>(selected_rows.data()), {N}, at::kByte).to(opts);
+  const auto log_q = at::log_softmax(s2 / temperature, -1), log_p = at::log_softmax(t2 / temperature, -1);
+  const auto p = log_p.exp();
+  const auto kl = (p * (log_p - log_q)).sum(-1) * selected;
+  auto grad = (log_q.exp() - p) * (selected * kl_coef).unsqueeze(1);
+  const auto diff = s2 - t2;
+  const auto mse = (diff * diff).sum(-1) * selected;
+  grad += diff * (selected * mse_coef).unsqueeze(1);
+  float64_mlm_and_cosine(s2, labels, hs, ht, real_rows, ce_coef, cos_coef, grad, grad_hidden, partials);
+  grad_logits.copy_(grad.reshape(s.sizes()));
+  std::memcpy(partials.kl.data(), kl.contiguous().data_ptr<double>(), N * sizeof(double));
+  std::memcpy(partials.mse.data(), mse.contiguous().data_ptr<double>(), N * sizeof(double));
+}
+
+// Every check runs before anything is written, so a bad call leaves the output buffers as they were.
 void check_inputs(const at::Tensor& s, const at::Tensor& t, const at::Tensor& labels, const at::Tensor& hs,
                   const at::Tensor& ht, const at::Tensor& mask, double temperature, double alpha_ce,
                   double alpha_mlm, double alpha_cos, double alpha_mse) {
-  const std::pair<const char*, const at::Tensor*> named[] = {{"teacher_logits", &t},  {"labels", &labels},
-                                                             {"student_hidden", &hs}, {"teacher_hidden", &ht},
-                                                             {"attention_mask", &mask}};
-  for (const auto& [name, tensor] : named) {
-    TORCH_CHECK(tensor->device() == s.device(), "triple_loss: ", name, " is on ", tensor->device(),
-                " but student_logits is on ", s.device(), "; expected all inputs on one device");
-  }
-  const std::pair<const char*, const at::Tensor*> floats[] = {
-      {"student_logits", &s}, {"teacher_logits", &t}, {"student_hidden", &hs}, {"teacher_hidden", &ht}};
-  const bool float64 = s.scalar_type() == at::kDouble;
-  for (const auto& [name, tensor] : floats) {
-    if (float64) {
-      TORCH_CHECK(tensor->scalar_type() == at::kDouble, "triple_loss: ", name,
-                  " must be float64 like student_logits (float64 is for gradient checks), got ", tensor->scalar_type());
-    } else {
-      TORCH_CHECK(is_logit_dtype(tensor->scalar_type()), "triple_loss: ", name,
-                  " must be float32, bfloat16 or float16, got ", tensor->scalar_type());
-    }
-  }
-  TORCH_CHECK(s.dim() >= 1 && s.size(-1) > 0, "triple_loss: student_logits must be [..., V] with V > 0, got shape ",
-              s.sizes());
-  TORCH_CHECK(t.sizes() == s.sizes(), "triple_loss: teacher_logits must have the shape of student_logits ", s.sizes(),
+  constexpr const char* op = "triple_loss";
+  check_logit_inputs(op, s,
+                     {{"teacher_logits", &t}, {"labels", &labels}, {"student_hidden", &hs}, {"teacher_hidden", &ht},
+                      {"attention_mask", &mask}},
+                     {{"student_logits", &s}, {"teacher_logits", &t}, {"student_hidden", &hs},
+                      {"teacher_hidden", &ht}});
+  TORCH_CHECK(t.sizes() == s.sizes(), op, ": teacher_logits must have the shape of student_logits ", s.sizes(),
               ", got ", t.sizes());
-  const auto lead = s.sizes().slice(0, s.dim() - 1);
-  TORCH_CHECK(labels.scalar_type() == at::kLong, "triple_loss: labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK(labels.sizes() == lead, "triple_loss: labels must have shape ", lead, " (student_logits without V), got ",
-              labels.sizes());
-  TORCH_CHECK(mask.scalar_type() == at::kBool || at::isIntegralType(mask.scalar_type(), /*includeBool=*/false),
-              "triple_loss: attention_mask must be bool or integer, got ", mask.scalar_type());
-  TORCH_CHECK(mask.sizes() == lead, "triple_loss: attention_mask must have shape ", lead, ", got ", mask.sizes());
-  TORCH_CHECK(hs.dim() >= 1 && hs.size(-1) > 0 && hs.sizes().slice(0, hs.dim() - 1) == lead,
-              "triple_loss: student_hidden must have shape [", lead, ", D] with D > 0, got ", hs.sizes());
-  TORCH_CHECK(ht.sizes() == hs.sizes(), "triple_loss: teacher_hidden must have the shape of student_hidden ",
-              hs.sizes(), ", got ", ht.sizes());
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0, "triple_loss: temperature must be > 0 and finite, got ",
-              temperature);
-  const std::pair<const char*, double> alphas[] = {
-      {"alpha_ce", alpha_ce}, {"alpha_mlm", alpha_mlm}, {"alpha_cos", alpha_cos}, {"alpha_mse", alpha_mse}};
-  for (const auto& [name, value] : alphas) {
-    TORCH_CHECK(std::isfinite(value) && value >= 0, "triple_loss: ", name, " must be >= 0 and finite, got ", value);
-  }
+  check_row_inputs(op, s, labels, hs, ht, mask, temperature,
+                   {{"alpha_ce", alpha_ce}, {"alpha_mlm", alpha_mlm}, {"alpha_cos", alpha_cos},
+                    {"alpha_mse", alpha_mse}});
 }
 
 // max |s - t| over all rows is at most this (kernels/gradient_scale.py's max_logit_gap): one min/max reduction
@@ -133,25 +224,6 @@ double max_logit_gap(const at::Tensor& s, const at::Tensor& t) {
   const auto [t_min, t_max] = at::aminmax(t);
   return std::max(s_max.item<double>() - t_min.item<double>(), t_max.item<double>() - s_min.item<double>());
 }
-
-// P (kernels/gradient_scale.py): 2^k with P * bound in (2^14, 2^15], 1 when no row has a gradient. bound:
-// kl_coef + ce_coef + mse_coef * max |s - t|, what no entry of the gradient exceeds.
-double fp16_logits_grad_scale(double bound) {
-  if (!(bound > 0)) return 1.0;
-  const double exponent = std::floor(std::log2(32768.0 / bound));
-  return std::ldexp(1.0, static_cast<int>(std::clamp(exponent, -126.0, 126.0)));
-}
-
-// The loss terms are fp32 scalars, float64 for float64 inputs (gradcheck needs the extra digits).
-at::Tensor scalar_tensor(double v, bool float64) {
-  return at::scalar_tensor(v, at::TensorOptions().dtype(float64 ? at::kDouble : at::kFloat));
-}
-
-}  // namespace
-
-namespace {
-
-using Terms = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The loss terms of one call, and the factor its logits gradient was written with.
 struct Result {
@@ -192,24 +264,16 @@ Result run(const at::Tensor& student_logits, const at::Tensor& teacher_logits, c
   const auto ht = teacher_hidden.contiguous();
   const auto lab = labels.contiguous();
   const auto real = attention_mask.ne(0).to(at::kByte).contiguous();
-  const int64_t V = s.size(-1), D = hs.size(-1), N = lab.numel();
+  const int64_t V = s.size(-1), N = lab.numel();
 
   // Row masks, normalizers and the label range check, before any write.
   const int64_t* lab_p = lab.data_ptr<int64_t>();
   const uint8_t* real_p = real.data_ptr<uint8_t>();
-  std::vector<uint8_t> selected(N);
-  int64_t n_selected = 0, n_labelled = 0, n_real = 0;
-  for (int64_t r = 0; r < N; ++r) {
-    const int64_t y = lab_p[r];
-    TORCH_CHECK(y == -100 || (y >= 0 && y < V), "triple_loss: labels must be in [0, ", V,
-                ") or -100 (not a target), got ", y, " at flat position ", r);
-    selected[r] = restrict_ce_to_mask ? (y != -100) : real_p[r];
-    n_selected += selected[r];
-    n_labelled += y != -100;
-    n_real += real_p[r];
-  }
+  const RowCounts counts = count_rows("triple_loss", lab_p, real_p, N, V, restrict_ce_to_mask);
+  const std::vector<uint8_t>& selected = counts.selected;
+  const int64_t n_selected = counts.n_selected, n_labelled = counts.n_labelled, n_real = counts.n_real;
 
-  std::vector<double> kl_rows(N, 0.0), ce_rows(N, 0.0), cos_rows(N, 0.0), mse_rows(N, 0.0);
+  RowPartials partials = row_partials(N);
   // Weights of the gradient terms: d loss / d s = kl_coef * (q - p) + ce_coef * (softmax(s) - onehot) +
   // mse_coef * (s - t).
   const double kl_coef = n_selected ? alpha_ce * temperature / n_selected : 0.0;
@@ -221,21 +285,17 @@ Result run(const at::Tensor& student_logits, const at::Tensor& teacher_logits, c
   };
   const double grad_scale = logits_grad_scale ? *logits_grad_scale
                                               : (s.scalar_type() == at::kHalf ? fp16_scale() : 1.0);
-  const RowsArgs args{s.data_ptr(), t.data_ptr(), lab_p, hs.data_ptr(), ht.data_ptr(),
-                      grad_student_logits.data_ptr(), grad_student_hidden.data_ptr(), selected.data(), real_p,
-                      V, D,
-                      s.scalar_type(), t.scalar_type(), hs.scalar_type(), ht.scalar_type(),
-                      grad_student_hidden.scalar_type(),
+  const RowsArgs args{s.data_ptr(), t.data_ptr(), lab_p, grad_student_logits.data_ptr(), selected.data(), V,
+                      s.scalar_type(), t.scalar_type(),
                       static_cast<float>(1.0 / temperature), static_cast<float>(kl_coef * grad_scale),
-                      static_cast<float>(ce_coef * grad_scale), static_cast<float>(cos_coef),
-                      static_cast<float>(mse_coef * grad_scale),
+                      static_cast<float>(ce_coef * grad_scale), static_cast<float>(mse_coef * grad_scale),
                       temperature == 1.0 ? 1 : (temperature == 2.0 ? 2 : 0),
-                      kl_rows.data(), ce_rows.data(), cos_rows.data(), mse_rows.data()};
+                      partials.kl.data(), partials.ce.data(), partials.mse.data(),
+                      hidden_args(hs, ht, grad_student_hidden, real_p, cos_coef, partials.cos.data())};
 
   if (s.scalar_type() == at::kDouble) {
     float64_rows(s, t, lab, hs, ht, selected, real, temperature, kl_coef * grad_scale, ce_coef * grad_scale, cos_coef,
-                 mse_coef * grad_scale, grad_student_logits, grad_student_hidden, kl_rows.data(), ce_rows.data(),
-                 cos_rows.data(), mse_rows.data());
+                 mse_coef * grad_scale, grad_student_logits, grad_student_hidden, partials);
   } else {
     const RowsFn rows = rows_for(cpu_isa());
     // A row is ~30k elements: a grain of 4 rows keeps both cores busy down to small N.
@@ -244,22 +304,8 @@ Result run(const at::Tensor& student_logits, const at::Tensor& teacher_logits, c
       rows(args, begin, end, scratch.data());
     });
   }
-
-  double kl = 0.0, ce = 0.0, cos = 0.0, sq = 0.0;
-  for (int64_t r = 0; r < N; ++r) {
-    kl += kl_rows[r];
-    ce += ce_rows[r];
-    cos += cos_rows[r];
-    sq += mse_rows[r];
-  }
-  const double loss_ce = n_selected ? kl * temperature * temperature / n_selected : 0.0;
-  const double loss_mlm = n_labelled ? ce / n_labelled : 0.0;
-  const double loss_cos = n_real ? cos / n_real : 0.0;
-  const double loss_mse = n_selected ? sq / n_selected : 0.0;
-  const double loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos + alpha_mse * loss_mse;
-  const bool float64 = s.scalar_type() == at::kDouble;
-  return {{scalar_tensor(loss, float64), scalar_tensor(loss_ce, float64), scalar_tensor(loss_mlm, float64),
-           scalar_tensor(loss_cos, float64), scalar_tensor(loss_mse, float64)},
+  return {loss_terms(counts, partials, temperature, alpha_ce, alpha_mlm, alpha_cos, alpha_mse,
+                     s.scalar_type() == at::kDouble),
           grad_scale};
 }
 
@@ -286,9 +332,7 @@ triple_loss_forward_cpu(const at::Tensor& student_logits, const at::Tensor& teac
                         double alpha_cos, bool restrict_ce_to_mask, double alpha_mse) {
   // Every element of both gradients is written by the kernel, so no zero fill.
   auto grad_logits = gradient_buffer(student_logits.sizes(), student_logits.options());
-  const auto hidden_grad_dtype = student_hidden.scalar_type() == at::kHalf ? at::kFloat : student_hidden.scalar_type();
-  auto grad_hidden = at::empty(student_hidden.sizes(), student_hidden.options().dtype(hidden_grad_dtype)
-                                                            .memory_format(at::MemoryFormat::Contiguous));
+  auto grad_hidden = hidden_gradient(student_hidden);
   auto result = run(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
                     temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, alpha_mse, grad_logits,
                     grad_hidden, std::nullopt);

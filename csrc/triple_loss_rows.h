@@ -307,21 +307,31 @@ static double cosine_row(const S* hs, const T* ht, G* grad, int64_t D, float cos
   return 1.0 - cos;
 }
 
+// row(r, label, selected, labelled) for each of the rows [begin, end) that contributes to the loss, of either
+// loss; the others (not in the KL term, no label) only get their gradient row zeroed.
+template <typename S, typename F>
+FASTDISTIL_INLINE void logit_rows(const uint8_t* selected_rows, const int64_t* labels, S* grad, int64_t V,
+                                  int64_t begin, int64_t end, const F& row) {
+  for (int64_t r = begin; r < end; ++r) {
+    const bool selected = selected_rows[r];
+    const int64_t label = labels[r];
+    const bool labelled = label != -100;
+    if (!selected && !labelled) {
+      for (int64_t i = 0; i < V; ++i) grad[r * V + i] = S(0);
+      continue;
+    }
+    row(r, label, selected, labelled);
+  }
+}
+
 // The rows [begin, end) of a call: dtype and temperature dispatch of the row kernels above.
 template <int TPow, bool MseGrad, typename S, typename T>
 static void logits_rows(const RowsArgs& a, int64_t begin, int64_t end, float* scratch) {
   const S* s = static_cast<const S*>(a.student_logits);
   const T* t = static_cast<const T*>(a.teacher_logits);
   S* g = static_cast<S*>(a.grad_logits);
-  for (int64_t r = begin; r < end; ++r) {
+  logit_rows(a.selected, a.labels, g, a.V, begin, end, [&](int64_t r, int64_t label, bool selected, bool labelled) {
     const int64_t off = r * a.V;
-    const bool selected = a.selected[r];
-    const int64_t label = a.labels[r];
-    const bool labelled = label != -100;
-    if (!selected && !labelled) {
-      for (int64_t i = 0; i < a.V; ++i) g[off + i] = S(0);
-      continue;
-    }
     const bool last = r + 1 == end;
     RowResult res = logits_row<TPow, MseGrad>(s + off, t + off, g + off, a.V, label, selected, labelled,
                                               a.inv_temp, selected ? a.kl_coef : 0.f, labelled ? a.ce_coef : 0.f,
@@ -330,11 +340,11 @@ static void logits_rows(const RowsArgs& a, int64_t begin, int64_t end, float* sc
     a.kl_rows[r] = res.kl;
     a.ce_rows[r] = res.ce;
     a.mse_rows[r] = res.mse;
-  }
+  });
 }
 
 template <typename S, typename T, typename G>
-static void hidden_rows(const RowsArgs& a, int64_t begin, int64_t end) {
+static void hidden_rows(const HiddenArgs& a, int64_t begin, int64_t end) {
   const S* hs = static_cast<const S*>(a.student_hidden);
   const T* ht = static_cast<const T*>(a.teacher_hidden);
   G* g = static_cast<G*>(a.grad_hidden);
@@ -346,6 +356,21 @@ static void hidden_rows(const RowsArgs& a, int64_t begin, int64_t end) {
     }
     a.cos_rows[r] = cosine_row(hs + off, ht + off, g + off, a.D, a.cos_coef);
   }
+}
+
+// The cosine term's rows [begin, end), of either loss: the dtype dispatch of hidden_rows.
+static void cosine_rows(const HiddenArgs& a, int64_t begin, int64_t end) {
+  FASTDISTIL_DISPATCH_FLOAT_TYPES(a.hidden_dtype, "triple_loss_student_hidden", [&] {
+    using S = scalar_t;
+    FASTDISTIL_DISPATCH_FLOAT_TYPES(a.teacher_hidden_dtype, "triple_loss_teacher_hidden", [&] {
+      using T = scalar_t;
+      if (a.grad_hidden_dtype == at::kFloat) {
+        hidden_rows<S, T, float>(a, begin, end);
+      } else {
+        hidden_rows<S, T, S>(a, begin, end);
+      }
+    });
+  });
 }
 
 template <bool MseGrad, typename S, typename T>
@@ -366,15 +391,5 @@ void rows(const RowsArgs& a, int64_t begin, int64_t end, float* scratch) {
       }
     });
   });
-  FASTDISTIL_DISPATCH_FLOAT_TYPES(a.hidden_dtype, "triple_loss_student_hidden", [&] {
-    using S = scalar_t;
-    FASTDISTIL_DISPATCH_FLOAT_TYPES(a.teacher_hidden_dtype, "triple_loss_teacher_hidden", [&] {
-      using T = scalar_t;
-      if (a.grad_hidden_dtype == at::kFloat) {
-        hidden_rows<S, T, float>(a, begin, end);
-      } else {
-        hidden_rows<S, T, S>(a, begin, end);
-      }
-    });
-  });
+  cosine_rows(a.hidden, begin, end);
 }

@@ -6,9 +6,11 @@
 #define FASTDISTIL_VECTOR_BYTES 32
 namespace fastdistil::avx2 {
 #include "triple_loss_rows.h"
+#include "sparse_triple_loss_rows.h"
 }  // namespace fastdistil::avx2
 #else
 namespace fastdistil::avx2 {
 void rows(const RowsArgs&, int64_t, int64_t, float*) { TORCH_CHECK(false, "fastdistil: avx2 kernels exist on x86-64 only (this build has none)"); }
+void sparse_rows(const SparseRowsArgs&, int64_t, int64_t, const SparseScratch&) { TORCH_CHECK(false, "fastdistil: avx2 kernels exist on x86-64 only (this build has none)"); }
 }  // namespace fastdistil::avx2
 #endif

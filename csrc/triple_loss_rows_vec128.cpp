@@ -4,4 +4,5 @@
 #define FASTDISTIL_VECTOR_BYTES 16
 namespace fastdistil::vec128 {
 #include "triple_loss_rows.h"
+#include "sparse_triple_loss_rows.h"
 }  // namespace fastdistil::vec128

@@ -17,17 +17,20 @@ if importlib.util.find_spec(f"{__name__}.kernels") is None:
 from fastdistil.ops import extension
 from fastdistil.ops.attention import attention, register_with_transformers
 from fastdistil.ops.extension import release_gradient_cache
+from fastdistil.ops.fused_linear_sparse_triple_loss import fused_linear_sparse_triple_loss
 from fastdistil.ops.fused_linear_triple_loss import fused_linear_triple_loss
 from fastdistil.ops.modules import FusedLinearTripleLoss, TripleLoss
-from fastdistil.ops.reference import triple_loss_reference
+from fastdistil.ops.reference import sparse_triple_loss_reference, triple_loss_reference
+from fastdistil.ops.sparse_triple_loss import sparse_triple_loss
 from fastdistil.ops.triple_loss import triple_loss
-from fastdistil.ops.values import TripleLossArgs, TripleLossOutput
+from fastdistil.ops.values import SparseTripleLossArgs, TripleLossArgs, TripleLossOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["FusedLinearTripleLoss", "ProjectionInputs", "TripleLoss", "TripleLossArgs", "TripleLossOutput",
-           "attention", "extension", "fused_linear_triple_loss", "register_with_transformers",
-           "release_gradient_cache", "triple_loss", "triple_loss_reference"]
+__all__ = ["FusedLinearTripleLoss", "ProjectionInputs", "SparseTripleLossArgs", "TripleLoss", "TripleLossArgs",
+           "TripleLossOutput", "attention", "extension", "fused_linear_sparse_triple_loss",
+           "fused_linear_triple_loss", "register_with_transformers", "release_gradient_cache",
+           "sparse_triple_loss", "sparse_triple_loss_reference", "triple_loss", "triple_loss_reference"]
 
 
 def __getattr__(name: str):

@@ -18,6 +18,7 @@ import torch
 from fastdistil import __version__
 from fastdistil.ops import extension
 from fastdistil.ops.attention import auto_backend as attention_backend_of
+from fastdistil.ops.sparse_triple_loss import backend_for as sparse_backend_of
 from fastdistil.ops.triple_loss import auto_backend as loss_backend_of
 from fastdistil.ops.triple_loss import triton_kernels_error
 
@@ -52,6 +53,12 @@ def compute_capability(device: torch.device) -> str:
 def triple_loss_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
     """(implementation, why) of fastdistil.triple_loss(backend="auto") for logits of this device and dtype."""
     backend, why = loss_backend_of(device, dtype)
+    return LOSS_IMPLEMENTATIONS[backend], why
+
+
+def sparse_triple_loss_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """(implementation, why) of fastdistil.sparse_triple_loss(backend="auto"), the loss against a teacher cache."""
+    backend, why = sparse_backend_of(device, dtype)
     return LOSS_IMPLEMENTATIONS[backend], why
 
 
@@ -91,7 +98,7 @@ def compile_mode() -> str:
 def _device_lines(device: torch.device) -> list[str]:
     lines = []
     for op, decide in (("triple_loss", triple_loss_backend), ("fused_linear_triple_loss", fused_linear_backend),
-                       ("attention", attention_backend)):
+                       ("sparse_triple_loss", sparse_triple_loss_backend), ("attention", attention_backend)):
         for dtype_name, dtype in DTYPES.items():
             impl, why = decide(device, dtype)
             lines.append(f"  {op:<25} {dtype_name}  {impl} -- {why}")

@@ -48,6 +48,64 @@ def _softmax1_numerator(e, centred, TEMP_POW: tl.constexpr):
 
 
 @triton.jit
+def _online_softmax_step(s, m_s, z_s, z_1, scale, TEMP_POW: tl.constexpr):
+    # One block of the first sweep: the running max m_s of s and the sums z_s of exp((s - m_s) / T) and z_1 of
+    # exp(s - m_s), rescaled to the new max. Also returns the rescale factor and the block's exponentials.
+    m_s_new = tl.maximum(m_s, tl.max(s, 0))
+    rescale = tl.exp2((m_s - m_s_new) * scale)
+    es = tl.exp2((s - m_s_new) * scale)
+    z_s = z_s * rescale + tl.sum(es, 0)
+    z_1 = z_1 * _softmax1_numerator(rescale, m_s - m_s_new, TEMP_POW) + tl.sum(
+        _softmax1_numerator(es, s - m_s_new, TEMP_POW), 0
+    )
+    return m_s_new, z_s, z_1, rescale, es
+
+
+@triton.jit
+def _zero_gradient_row(g_row, V, BLOCK_V: tl.constexpr):
+    # A row in no term: its gradient is 0.
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        tl.store(g_row + start + cols, 0.0, mask=start + cols < V)
+
+
+@triton.jit
+def _online_softmax_init(inv_temp, ACC: tl.constexpr):
+    # 1 / T and log2(e) / T in ACC, and the running max and sums of _online_softmax_step before the first block.
+    # tl.full casts the fp64 argument: .to would on a GPU, but the interpreter passes it as a Python float.
+    inv_temp = tl.full([], inv_temp, ACC)
+    return inv_temp, inv_temp * _LOG2E, tl.full([], float("-inf"), ACC), tl.zeros([], ACC), tl.zeros([], ACC)
+
+
+@triton.jit
+def _gradient_coefficients(counts_ptr, grad_scale_ptr, kl_weight, ce_weight, labelled, ACC: tl.constexpr):
+    # P and the KL and MLM gradient weights times P, normalized by the counts read on the device.
+    grad_scale = tl.load(grad_scale_ptr).to(ACC)
+    kl_coef = tl.full([], kl_weight, ACC) / tl.maximum(tl.load(counts_ptr).to(ACC), 1.0) * grad_scale
+    ce_coef = tl.full([], ce_weight, ACC) / tl.maximum(tl.load(counts_ptr + 1).to(ACC), 1.0) * grad_scale
+    ce_coef = tl.where(labelled, ce_coef, 0.0)
+    return grad_scale, kl_coef, ce_coef
+
+
+@triton.jit
+def _mlm_gradient(s, m_s, scale, rz1, ce_coef, offs, label, TEMP_POW: tl.constexpr):
+    # The second sweep's start at logits s of columns offs: s - m_s, exp((s - m_s) / T) and the MLM gradient
+    # ce_coef * (softmax(s) - onehot(label)), the one-hot applied before any rounding (softmax(s)[label] - 1
+    # cancels badly if rounded first).
+    s_c = s - m_s
+    es = tl.exp2(s_c * scale)
+    softmax1 = _softmax1_numerator(es, s_c, TEMP_POW) * rz1
+    return s_c, es, ce_coef * (softmax1 - tl.where(offs == label, 1.0, 0.0))
+
+
+@triton.jit
+def _mlm_row_loss(s_row, label, labelled, z_1, m_s, ACC: tl.constexpr):
+    # -log softmax(s)[label], 0 for a row without a target.
+    s_label = tl.load(s_row + label, mask=labelled, other=0.0).to(ACC)
+    return tl.where(labelled, tl.log(z_1) - (s_label - m_s), 0.0)
+
+
+@triton.jit
 def _triple_loss_logits_kernel(
     s_ptr,  # [N, V] student logits, row-major
     t_ptr,  # [N, V] teacher logits, row-major
@@ -79,21 +137,16 @@ def _triple_loss_logits_kernel(
     selected = tl.load(selected_ptr + row) != 0
 
     if not (selected or labelled):
-        for start in range(0, V, BLOCK_V):
-            tl.store(g_row + start + cols, 0.0, mask=start + cols < V)
+        _zero_gradient_row(g_row, V, BLOCK_V)
         tl.store(kl_rows_ptr + row, 0.0)
         tl.store(ce_rows_ptr + row, 0.0)
         tl.store(mse_rows_ptr + row, 0.0)
         return
 
     # Sweep 1. Lanes past the end of the row load -inf, so their exponentials are 0. max(s/T) = max(s)/T, so
-    # one running max serves both student softmaxes. The teacher row is read only for rows in the KL term.
-    # tl.full casts the fp64 arguments: .to would on a GPU, but the interpreter passes them as Python floats.
-    inv_temp = tl.full([], inv_temp, ACC)
-    scale = inv_temp * _LOG2E
-    m_s = tl.full([], float("-inf"), ACC)
-    z_s = tl.zeros([], ACC)  # sum exp((s - m_s) / T)
-    z_1 = tl.zeros([], ACC)  # sum exp(s - m_s)
+    # one running max m_s serves both student softmaxes, z_s = sum exp((s - m_s) / T) and z_1 = sum exp(s - m_s).
+    # The teacher row is read only for rows in the KL term.
+    inv_temp, scale, m_s, z_s, z_1 = _online_softmax_init(inv_temp, ACC)
     m_t = tl.full([], float("-inf"), ACC)
     z_t = tl.zeros([], ACC)  # sum exp((t - m_t) / T)
     sq = tl.zeros([], ACC)  # sum (s - t)^2
@@ -101,14 +154,7 @@ def _triple_loss_logits_kernel(
         offs = start + cols
         in_row = offs < V
         s = tl.load(s_row + offs, mask=in_row, other=float("-inf")).to(ACC)
-        m_s_new = tl.maximum(m_s, tl.max(s, 0))
-        rescale = tl.exp2((m_s - m_s_new) * scale)
-        es = tl.exp2((s - m_s_new) * scale)
-        z_s = z_s * rescale + tl.sum(es, 0)
-        z_1 = z_1 * _softmax1_numerator(rescale, m_s - m_s_new, TEMP_POW) + tl.sum(
-            _softmax1_numerator(es, s - m_s_new, TEMP_POW), 0
-        )
-        m_s = m_s_new
+        m_s, z_s, z_1, _, _ = _online_softmax_step(s, m_s, z_s, z_1, scale, TEMP_POW)
         if selected:
             t = tl.load(t_row + offs, mask=in_row, other=float("-inf")).to(ACC)
             m_t_new = tl.maximum(m_t, tl.max(t, 0))
@@ -126,24 +172,18 @@ def _triple_loss_logits_kernel(
     # than after the sum: the summed terms are then as small as the gap between the distributions, which
     # keeps several times more digits of a small KL (below ~1e-6 a row, fp32 loses it anyway, as torch does).
     log_ratio = tl.log(z_t) - tl.log(z_s)
-    grad_scale = tl.load(grad_scale_ptr).to(ACC)
-    kl_coef = tl.full([], kl_weight, ACC) / tl.maximum(tl.load(counts_ptr).to(ACC), 1.0) * grad_scale
-    ce_coef = tl.full([], ce_weight, ACC) / tl.maximum(tl.load(counts_ptr + 1).to(ACC), 1.0) * grad_scale
-    ce_coef = tl.where(labelled, ce_coef, 0.0)
+    grad_scale, kl_coef, ce_coef = _gradient_coefficients(counts_ptr, grad_scale_ptr, kl_weight, ce_weight,
+                                                          labelled, ACC)
     mse_coef = tl.full([], mse_weight, ACC) / tl.maximum(tl.load(counts_ptr).to(ACC), 1.0) * grad_scale
 
-    # Sweep 2: the gradient, with the one-hot term applied before the single rounding to the
-    # student's dtype (softmax(s)[label] - 1 cancels badly if rounded first), and the KL. Lanes past the end
-    # load the row max: finite, so no NaN is made and then masked away.
+    # Sweep 2: the gradient, rounded once to the student's dtype, and the KL. Lanes past the end load the row
+    # max: finite, so no NaN is made and then masked away.
     kl_acc = tl.zeros([BLOCK_V], dtype=ACC)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         in_row = offs < V
         s = tl.load(s_row + offs, mask=in_row, other=m_s).to(ACC)
-        s_c = s - m_s
-        es = tl.exp2(s_c * scale)
-        softmax1 = _softmax1_numerator(es, s_c, TEMP_POW) * rz1
-        g = ce_coef * (softmax1 - tl.where(offs == label, 1.0, 0.0))
+        s_c, es, g = _mlm_gradient(s, m_s, scale, rz1, ce_coef, offs, label, TEMP_POW)
         if selected:
             t = tl.load(t_row + offs, mask=in_row, other=m_t).to(ACC)
             t_c = t - m_t
@@ -154,9 +194,9 @@ def _triple_loss_logits_kernel(
             kl_acc += tl.where(in_row, p * ((t_c - s_c) * inv_temp - log_ratio), 0.0)
         tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=in_row)
 
-    s_label = tl.load(s_row + label, mask=labelled, other=0.0).to(ACC)
+    ce_row = _mlm_row_loss(s_row, label, labelled, z_1, m_s, ACC)
     tl.store(kl_rows_ptr + row, tl.sum(kl_acc, 0))
-    tl.store(ce_rows_ptr + row, tl.where(labelled, tl.log(z_1) - (s_label - m_s), 0.0))
+    tl.store(ce_rows_ptr + row, ce_row)
     tl.store(mse_rows_ptr + row, sq)
 
 
@@ -258,6 +298,59 @@ def _launch_logits(s, t, labels, selected, counts, grad_scale, temperature, alph
     return partials[0], partials[1], partials[2], grad
 
 
+def _row_flags(labels, attention_mask, restrict_ce_to_mask):
+    """[3, N] uint8 (selected, labelled, real) flags of the flattened rows and their int64 [3] counts, which stay
+    on the device."""
+    real = attention_mask.reshape(labels.numel()) != 0
+    labelled = labels != -100
+    selected = labelled if restrict_ce_to_mask else real
+    row_flags = torch.stack([selected, labelled, real]).view(torch.uint8)
+    return row_flags, row_flags.sum(dim=1)
+
+
+def _launch_cosine(student_hidden, teacher_hidden, real, counts, alpha_cos, traceable):
+    """The cosine kernel on [..., D] hidden states: (cos_rows [N], grad_hidden [N, D])."""
+    dim = student_hidden.size(-1)
+    n_rows = real.numel()
+    hs = student_hidden.reshape(n_rows, dim).contiguous()
+    ht = teacher_hidden.reshape(n_rows, dim).contiguous()
+    float64 = hs.dtype == torch.float64
+    cos_rows = torch.empty(n_rows, dtype=torch.float64 if float64 else torch.float32, device=hs.device)
+    grad_hidden = torch.empty_like(hs, dtype=hidden_grad_dtype(hs.dtype))
+    block_d = min(triton.next_power_of_2(dim), _MAX_BLOCK)
+    with _device_guard(hs.device):
+        _launcher(_triple_loss_cosine_kernel, traceable)[(n_rows,)](
+            hs, ht, real, counts, grad_hidden, cos_rows, dim, alpha_cos,
+            ACC=tl.float64 if float64 else tl.float32, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        )
+    return cos_rows, grad_hidden
+
+
+def _forward_outputs(kl_rows, ce_rows, cos_rows, mse_rows, counts, temperature, alpha_ce, alpha_mlm, alpha_cos,
+                     alpha_mse, grad_logits, grad_hidden, grad_scale, student_logits, student_hidden):
+    """The op's eight outputs from the kernels' row partials and gradients."""
+    # A term with no rows has a zero sum, so clamping its count to 1 gives 0 rather than NaN. The MSE term is
+    # normalized by the KL's rows, as the original divides by the number of selected rows.
+    sums = torch.stack([kl_rows, ce_rows, cos_rows, mse_rows]).sum(dim=1, dtype=torch.float64)
+    terms = sums / torch.cat([counts, counts[:1]]).clamp_min(1)
+    loss_ce = terms[0] * (temperature * temperature)
+    loss_mlm = terms[1]
+    loss_cos = terms[2]
+    loss_mse = terms[3]
+    loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos + alpha_mse * loss_mse
+    loss_dtype = kl_rows.dtype
+    return (
+        loss.to(loss_dtype),
+        loss_ce.to(loss_dtype),
+        loss_mlm.to(loss_dtype),
+        loss_cos.to(loss_dtype),
+        loss_mse.to(loss_dtype),
+        grad_logits.view(student_logits.shape),
+        grad_hidden.view(student_hidden.shape),
+        grad_scale,
+    )
+
+
 def triple_loss_forward(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -281,48 +374,15 @@ def triple_loss_forward(
     hidden_grad_dtype), and that 0-dim scale.
     """
     s, t, flat_labels = _flatten_logits(student_logits, teacher_logits, labels)
-    n_rows, dim = flat_labels.numel(), student_hidden.size(-1)
-    hs = student_hidden.reshape(n_rows, dim).contiguous()
-    ht = teacher_hidden.reshape(n_rows, dim).contiguous()
-
-    real = attention_mask.reshape(n_rows) != 0
-    labelled = flat_labels != -100
-    selected = labelled if restrict_ce_to_mask else real
-    row_flags = torch.stack([selected, labelled, real]).view(torch.uint8)
-    counts = row_flags.sum(dim=1)  # int64 [3], stays on the device
+    row_flags, counts = _row_flags(flat_labels, attention_mask, restrict_ce_to_mask)
     grad_scale = logits_grad_scale(counts, temperature, alpha_ce, alpha_mlm, s.dtype, alpha_mse, (s, t))
     kl_rows, ce_rows, mse_rows, grad_logits = _launch_logits(s, t, flat_labels, row_flags[0], counts, grad_scale,
                                                              temperature, alpha_ce, alpha_mlm, alpha_mse, traceable)
-    cos_rows = torch.empty_like(kl_rows)
-    grad_hidden = torch.empty_like(hs, dtype=hidden_grad_dtype(hs.dtype))
-    block_d = min(triton.next_power_of_2(dim), _MAX_BLOCK)
-    with _device_guard(s.device):
-        _launcher(_triple_loss_cosine_kernel, traceable)[(n_rows,)](
-            hs, ht, row_flags[2], counts, grad_hidden, cos_rows, dim, alpha_cos,
-            ACC=tl.float64 if s.dtype == torch.float64 else tl.float32, BLOCK_D=block_d,
-            num_warps=_num_warps(block_d),
-        )
-
-    # A term with no rows has a zero sum, so clamping its count to 1 gives 0 rather than NaN. The MSE term is
-    # normalized by the KL's rows, as the original divides by the number of selected rows.
-    sums = torch.stack([kl_rows, ce_rows, cos_rows, mse_rows]).sum(dim=1, dtype=torch.float64)
-    terms = sums / torch.cat([counts, counts[:1]]).clamp_min(1)
-    loss_ce = terms[0] * (temperature * temperature)
-    loss_mlm = terms[1]
-    loss_cos = terms[2]
-    loss_mse = terms[3]
-    loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos + alpha_mse * loss_mse
-    loss_dtype = kl_rows.dtype
-    return (
-        loss.to(loss_dtype),
-        loss_ce.to(loss_dtype),
-        loss_mlm.to(loss_dtype),
-        loss_cos.to(loss_dtype),
-        loss_mse.to(loss_dtype),
-        grad_logits.view(student_logits.shape),
-        grad_hidden.view(student_hidden.shape),
-        grad_scale,
-    )
+    cos_rows, grad_hidden = _launch_cosine(student_hidden, teacher_hidden, row_flags[2], counts, alpha_cos,
+                                           traceable)
+    return _forward_outputs(kl_rows, ce_rows, cos_rows, mse_rows, counts, temperature, alpha_ce, alpha_mlm,
+                            alpha_cos, alpha_mse, grad_logits, grad_hidden, grad_scale, student_logits,
+                            student_hidden)
 
 
 def logits_loss_chunk(student_logits, teacher_logits, labels, selected, counts, temperature: float,
@@ -421,6 +481,20 @@ def _written_tensors(kernel, kwargs) -> set[str]:
                               "identify_mutated_tensors")
 
 
+def kernel_analysis_error(launches, outputs) -> str | None:
+    """Why torch's analysis of the kernels in launches ((kernel, kwargs) pairs) cannot be trusted, or None when
+    it finds each writing exactly its outputs (outputs[kernel]: argument names)."""
+    for kernel, kwargs in launches:
+        try:
+            written = _written_tensors(kernel, kwargs)
+        except Exception as exc:  # any failure of a private torch API means: do not trust it
+            return f"torch's kernel analysis failed on {kernel.fn.__name__} ({type(exc).__name__}: {exc})"
+        if written != outputs[kernel]:
+            return (f"torch's kernel analysis finds {kernel.fn.__name__} writing {sorted(written)}, not just "
+                    f"{sorted(outputs[kernel])} (pytorch#170049)")
+    return None
+
+
 @functools.cache
 def traced_compile_unsupported() -> str | None:
     """Why torch.compile must keep the loss op opaque on this torch and Triton, or None if it may trace the
@@ -431,12 +505,4 @@ def traced_compile_unsupported() -> str | None:
     Inductor then clones every input or removes the kernel as dead code (pytorch#170808), which silently skips
     the loss. So the analysis is run once, on the kernels as the launchers call them, and must find exactly
     their outputs."""
-    for kernel, kwargs in _sample_launches():
-        try:
-            written = _written_tensors(kernel, kwargs)
-        except Exception as exc:  # any failure of a private torch API means: do not trust it
-            return f"torch's kernel analysis failed on {kernel.fn.__name__} ({type(exc).__name__}: {exc})"
-        if written != _KERNEL_OUTPUTS[kernel]:
-            return (f"torch's kernel analysis finds {kernel.fn.__name__} writing {sorted(written)}, not just "
-                    f"{sorted(_KERNEL_OUTPUTS[kernel])} (pytorch#170049)")
-    return None
+    return kernel_analysis_error(_sample_launches(), _KERNEL_OUTPUTS)

@@ -12,7 +12,7 @@ import torch
 from fastdistil import env, extension
 
 REPO = Path(__file__).resolve().parents[1]
-OPS = ("triple_loss", "fused_linear_triple_loss", "attention")
+OPS = ("triple_loss", "fused_linear_triple_loss", "sparse_triple_loss", "attention")
 
 
 def device_section(report: str, header: str) -> dict[tuple[str, str], str]:
@@ -41,6 +41,7 @@ def test_module_runs_and_describes_the_cpu():
         assert cpu["attention", dtype].startswith("sdpa")
         if extension.AVAILABLE:
             assert cpu["triple_loss", dtype] == f"C++ kernel -- fastdistil._C, {extension.cpu_isa()} code path"
+            assert cpu["sparse_triple_loss", dtype] == cpu["triple_loss", dtype]
             assert cpu["fused_linear_triple_loss", dtype].startswith("chunked projections + C++ kernel per chunk")
     if extension.AVAILABLE:
         assert f"fastdistil._C: loaded; CPU kernels use {extension.cpu_isa()}" in out
@@ -84,7 +85,7 @@ def test_volta_gets_triton_loss_without_bf16_and_sdpa_attention(fake_gpus, needs
     report = fake_gpus((7, 0))
     assert "cuda:0: Fake GPU 0, sm70 (Volta)" in report
     gpu = device_section(report, "cuda:0:")
-    for op in ("triple_loss", "fused_linear_triple_loss"):
+    for op in ("triple_loss", "fused_linear_triple_loss", "sparse_triple_loss"):
         assert "Triton kernel" in gpu[op, "fp32"] and "Triton kernel" in gpu[op, "fp16"]
         assert gpu[op, "bf16"].startswith("unsupported") and "no bf16" in gpu[op, "bf16"]
     for dtype in env.DTYPES:
@@ -100,6 +101,7 @@ def test_sm80_and_newer_get_triton_except_fp32_attention(fake_gpus, needs_triton
     gpu = device_section(report, "cuda:0:")
     for dtype in env.DTYPES:
         assert gpu["triple_loss", dtype].startswith("Triton kernel")
+        assert gpu["sparse_triple_loss", dtype].startswith("Triton kernel")
         assert gpu["fused_linear_triple_loss", dtype].startswith("chunked projections + Triton kernel per chunk")
     assert gpu["attention", "fp32"].startswith("sdpa -- fp32")
     for dtype in ("fp16", "bf16"):

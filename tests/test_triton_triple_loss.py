@@ -263,7 +263,7 @@ def test_compile_rule_keeps_the_op_opaque_when_the_analysis_is_broken(monkeypatc
         mode.traced = True
 
     cuda_tensor = type("CudaTensor", (), {"device": torch.device("cuda")})()
-    sys.modules["fastdistil.ops.triple_loss"]._traced_on_cuda(launcher)(mode, None, (), (cuda_tensor,), {})
+    sys.modules["fastdistil.ops.triple_loss"].traced_on_cuda(launcher)(mode, None, (), (cuda_tensor,), {})
     assert (mode.traced, mode.opaque) == ((True, False) if analysis_ok else (False, True))
 
 

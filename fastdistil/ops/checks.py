@@ -99,6 +99,21 @@ def triple_loss(student_logits, teacher_logits, labels_, student_hidden, teacher
     loss_scalars(op, temperature, alpha_ce, alpha_mlm, alpha_cos, alpha_mse)
 
 
+def projection(op: str, student_input, student_weight, student_bias) -> None:
+    """The student's side of a fused-linear op: [..., D] input, [V, D] weight, [V] bias or None."""
+    tensors(op, dict(student_input=student_input, student_weight=student_weight, student_bias=student_bias),
+            optional=("student_bias",))
+    floating(op, dict(student_input=student_input, student_weight=student_weight, student_bias=student_bias))
+    if student_input.dim() < 1:
+        raise ValueError(f"{op}: student_input must be [..., D], got shape {tuple(student_input.shape)}")
+    if student_weight.dim() != 2 or student_weight.size(1) != student_input.size(-1):
+        raise ValueError(f"{op}: student_weight must be [V, {student_input.size(-1)}] (student_input's D), got "
+                         f"{tuple(student_weight.shape)}")
+    vocab = student_weight.size(0)
+    if student_bias is not None and student_bias.shape != (vocab,):
+        raise ValueError(f"{op}: student_bias must be [{vocab}] or None, got {tuple(student_bias.shape)}")
+
+
 def fused_linear_triple_loss(student_input, student_weight, student_bias, teacher_input, teacher_weight,
                              teacher_bias, labels_, student_hidden, teacher_hidden, attention_mask, temperature,
                              alpha_ce, alpha_mlm, alpha_cos, chunk_size: int, alpha_mse: float,
@@ -136,6 +151,58 @@ def fused_linear_triple_loss(student_input, student_weight, student_bias, teache
     loss_scalars(op, temperature, alpha_ce, alpha_mlm, alpha_cos, alpha_mse)
     if chunk_size < 0:
         raise ValueError(f"{op}: chunk_size must be >= 0 (0 picks one), got {chunk_size}")
+
+
+TAILS = ("bucket", "renormalize")
+INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
+
+
+def sparse_teacher(op: str, topk_logits: torch.Tensor, topk_indices: torch.Tensor, logsumexp: torch.Tensor,
+                   lead: tuple, vocab: int, float64: bool, tail: str, check_index_values: bool = True) -> None:
+    """A cached top-k teacher: [..., k] logits and indices with 1 <= k <= V, [..., 2] log-sum-exps (T = 1, T);
+    with check_index_values, indices in [0, V) (read on CPU in eager mode only, as labels' values are)."""
+    if topk_logits.dim() < 1 or tuple(topk_logits.shape[:-1]) != lead or not 1 <= topk_logits.size(-1) <= vocab:
+        raise ValueError(f"{op}: teacher_topk_logits must have shape {lead + ('k',)} with 1 <= k <= {vocab} (V), "
+                         f"got {tuple(topk_logits.shape)}")
+    if topk_indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{op}: teacher_topk_indices must be int16, int32 or int64, got {topk_indices.dtype}")
+    if topk_indices.shape != topk_logits.shape:
+        raise ValueError(f"{op}: teacher_topk_indices must have the shape of teacher_topk_logits "
+                         f"{tuple(topk_logits.shape)}, got {tuple(topk_indices.shape)}")
+    lse_dtype = torch.float64 if float64 else torch.float32
+    if logsumexp.dtype != lse_dtype:
+        raise TypeError(f"{op}: teacher_logsumexp must be {lse_dtype}, got {logsumexp.dtype}")
+    if tuple(logsumexp.shape) != lead + (2,):
+        raise ValueError(f"{op}: teacher_logsumexp must have shape {lead + (2,)} (log-sum-exp at T = 1 and at T), "
+                         f"got {tuple(logsumexp.shape)}")
+    if tail not in TAILS:
+        raise ValueError(f"{op}: tail must be one of {TAILS}, got {tail!r}")
+    if (check_index_values and topk_indices.device.type == "cpu" and topk_indices.numel() > 0
+            and not torch.compiler.is_compiling()):
+        bad = (topk_indices < 0) | (topk_indices >= vocab)
+        if bad.any():
+            raise ValueError(f"{op}: teacher_topk_indices must be in [0, {vocab}), got {topk_indices[bad][0].item()}")
+
+
+def sparse_triple_loss(student_logits, teacher_topk_logits, teacher_topk_indices, teacher_logsumexp, labels_,
+                       student_hidden, teacher_hidden, attention_mask, temperature, alpha_ce, alpha_mlm, alpha_cos,
+                       tail, check_values: bool = True) -> None:
+    op = "sparse_triple_loss"
+    named = dict(student_logits=student_logits, teacher_topk_logits=teacher_topk_logits,
+                 teacher_topk_indices=teacher_topk_indices, teacher_logsumexp=teacher_logsumexp, labels=labels_,
+                 student_hidden=student_hidden, teacher_hidden=teacher_hidden, attention_mask=attention_mask)
+    tensors(op, named)
+    floating(op, dict(student_logits=student_logits, teacher_topk_logits=teacher_topk_logits,
+                      student_hidden=student_hidden, teacher_hidden=teacher_hidden), float64_like="student_logits")
+    if student_logits.dim() < 1 or student_logits.size(-1) == 0:
+        raise ValueError(f"{op}: student_logits must be [..., V] with V > 0, got shape {tuple(student_logits.shape)}")
+    lead, vocab = tuple(student_logits.shape[:-1]), student_logits.size(-1)
+    sparse_teacher(op, teacher_topk_logits, teacher_topk_indices, teacher_logsumexp, lead, vocab,
+                   student_logits.dtype == torch.float64, tail, check_values)
+    labels(op, labels_, lead, vocab, check_values)
+    mask(op, "attention_mask", attention_mask, lead)
+    hidden_pair(op, student_hidden, teacher_hidden, lead)
+    loss_scalars(op, temperature, alpha_ce, alpha_mlm, alpha_cos, 0.0)
 
 
 def attention(q, k, v, key_padding_mask, dropout_p: float, scale: float | None, is_causal: bool = False) -> None:

@@ -56,15 +56,21 @@ def _grad_dtypes(student_input, student_weight, student_bias):
 
 # --- fake kernel ---------------------------------------------------------------------------------------------
 
-def _forward_fake(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias,
-                  labels, student_hidden, teacher_hidden, attention_mask, temperature=2.0, alpha_ce=5.0,
-                  alpha_mlm=2.0, alpha_cos=1.0, restrict_ce_to_mask=False, chunk_size=0, alpha_mse=0.0):
+def forward_outputs_fake(student_input, student_weight, student_bias, student_hidden) -> tuple:
+    """What a private fused-linear forward returns: the terms, the input, weight, bias and hidden-state
+    gradients and logits_grad_scale."""
     scalar = student_input.new_empty((), dtype=torch.float32)
     input_dtype, weight_dtype, bias_dtype = _grad_dtypes(student_input, student_weight, student_bias)
     return (*(scalar.clone() for _ in range(precomputed.N_TERMS)), torch.empty_like(student_input, dtype=input_dtype),
             torch.empty_like(student_weight, dtype=weight_dtype),
             student_input.new_empty(student_weight.size(0), dtype=bias_dtype),
             torch.empty_like(student_hidden, dtype=hidden_grad_dtype(student_hidden.dtype)), scalar.clone())
+
+
+def _forward_fake(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias,
+                  labels, student_hidden, teacher_hidden, attention_mask, temperature=2.0, alpha_ce=5.0,
+                  alpha_mlm=2.0, alpha_cos=1.0, restrict_ce_to_mask=False, chunk_size=0, alpha_mse=0.0):
+    return forward_outputs_fake(student_input, student_weight, student_bias, student_hidden)
 
 
 if extension.AVAILABLE:
@@ -108,9 +114,10 @@ def chunk_loss_for(device: torch.device):
     return _cpu_chunk_loss if device.type == "cpu" else _triton_chunk_loss
 
 
-def default_chunk_size(n_rows: int, vocab: int, itemsize: int) -> int:
-    """Rows per chunk so that the three [chunk, V] buffers take about CHUNK_BUFFER_BYTES."""
-    rows = CHUNK_BUFFER_BYTES // (3 * vocab * itemsize)
+def default_chunk_size(n_rows: int, vocab: int, itemsize: int, n_buffers: int = 3) -> int:
+    """Rows per chunk so that the n_buffers [chunk, V] buffers (student logits, teacher logits, gradient) take
+    about CHUNK_BUFFER_BYTES."""
+    rows = CHUNK_BUFFER_BYTES // (n_buffers * vocab * itemsize)
     rows = max(CHUNK_ALIGN, rows // CHUNK_ALIGN * CHUNK_ALIGN)
     return max(1, min(rows, n_rows))
 
@@ -156,20 +163,23 @@ def _cosine_term(student_hidden, teacher_hidden, attention_mask, alpha_cos):
     return out[3], out[precomputed.N_TERMS + 1]
 
 
-def _forward(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias, labels,
-             student_hidden, teacher_hidden, attention_mask, temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0,
-             alpha_cos=1.0, restrict_ce_to_mask=False, chunk_size=0, alpha_mse=0.0):
-    # The dispatcher leaves out trailing arguments equal to the schema's defaults: hence the defaults here.
+def project_chunks(student_input, student_weight, student_bias, labels, student_hidden, teacher_hidden,
+                   attention_mask, temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, chunk_size,
+                   alpha_mse, chunk_loss, n_buffers: int) -> tuple:
+    """The chunk loop of the fused-linear ops, whatever the teacher is: the private forward's outputs.
+    chunk_loss(idx, student_logits, labels, attention_mask, selected, counts) -> (the chunk's parts of loss_ce,
+    loss_mlm and loss_mse, its logit gradient times its P, that P), given the chunk's flat row indices, its
+    projected [n, V] student logits, its labels, mask and KL-row flags and the batch's counts. n_buffers: the
+    [chunk, V] buffers alive at once, which the default chunk size divides CHUNK_BUFFER_BYTES among."""
     dim, vocab = student_input.size(-1), student_weight.size(0)
     x_s = student_input.reshape(-1, dim)
-    x_t = teacher_input.reshape(-1, teacher_input.size(-1))
     flat_labels = labels.reshape(-1)
     valid = attention_mask.reshape(-1) != 0
     labelled = flat_labels != -100
     selected = labelled if restrict_ce_to_mask else valid
     counts = torch.stack([selected, labelled, valid]).sum(dim=1)  # int64 [3], stays on the device
     rows = (selected | labelled).nonzero().squeeze(1)
-    chunk = chunk_size or default_chunk_size(rows.numel(), vocab, x_s.element_size())
+    chunk = chunk_size or default_chunk_size(rows.numel(), vocab, x_s.element_size(), n_buffers)
     grad_scale = logits_grad_scale(counts, temperature, alpha_ce, alpha_mlm, x_s.dtype)
     input_dtype, weight_dtype, bias_dtype = _grad_dtypes(student_input, student_weight, student_bias)
 
@@ -179,22 +189,13 @@ def _forward(student_input, student_weight, student_bias, teacher_input, teacher
     loss_ce = torch.zeros((), dtype=torch.float32, device=x_s.device)
     loss_mlm = torch.zeros((), dtype=torch.float32, device=x_s.device)
     loss_mse = torch.zeros((), dtype=torch.float32, device=x_s.device)
-    n_buf = min(chunk, rows.numel())
-    s_buf = x_s.new_empty(n_buf, vocab)
-    t_buf = x_t.new_empty(n_buf, vocab, dtype=teacher_weight.dtype)
-    chunk_loss = chunk_loss_for(x_s.device)
-    no_hidden = x_s.new_zeros(n_buf, 1)  # the chunks' loss has no cosine term: _cosine_term computes it
+    s_buf = x_s.new_empty(min(chunk, rows.numel()), vocab)
     for start in range(0, rows.numel(), chunk):
         idx = rows[start:start + chunk]
-        n = idx.numel()
         xs = x_s.index_select(0, idx)
-        args = TripleLossArgs(
-            student_logits=_project(xs, student_weight, student_bias, s_buf[:n]),
-            teacher_logits=_project(x_t.index_select(0, idx), teacher_weight, teacher_bias, t_buf[:n]),
-            labels=flat_labels.index_select(0, idx), student_hidden=no_hidden[:n], teacher_hidden=no_hidden[:n],
-            attention_mask=valid.index_select(0, idx), temperature=temperature, alpha_ce=alpha_ce,
-            alpha_mlm=alpha_mlm, alpha_cos=0.0, restrict_ce_to_mask=restrict_ce_to_mask, alpha_mse=alpha_mse)
-        ce, mlm, mse, grad_logits, chunk_scale = chunk_loss(args, selected.index_select(0, idx), counts)
+        ce, mlm, mse, grad_logits, chunk_scale = chunk_loss(
+            idx, _project(xs, student_weight, student_bias, s_buf[:idx.numel()]), flat_labels.index_select(0, idx),
+            valid.index_select(0, idx), selected.index_select(0, idx), counts)
         loss_ce += ce
         loss_mlm += mlm
         loss_mse += mse
@@ -213,6 +214,33 @@ def _forward(student_input, student_weight, student_bias, teacher_input, teacher
     loss = alpha_ce * loss_ce + alpha_mlm * loss_mlm + alpha_cos * loss_cos + alpha_mse * loss_mse
     return (loss, loss_ce, loss_mlm, loss_cos, loss_mse, grad_input.view(student_input.shape),
             grad_weight.to(weight_dtype), grad_bias.to(bias_dtype), grad_hidden, grad_scale)
+
+
+def _forward(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias, labels,
+             student_hidden, teacher_hidden, attention_mask, temperature=2.0, alpha_ce=5.0, alpha_mlm=2.0,
+             alpha_cos=1.0, restrict_ce_to_mask=False, chunk_size=0, alpha_mse=0.0):
+    # The dispatcher leaves out trailing arguments equal to the schema's defaults: hence the defaults here.
+    x_t = teacher_input.reshape(-1, teacher_input.size(-1))
+    loss_kernel = chunk_loss_for(student_input.device)
+    buffers = {}
+
+    def chunk_loss(idx, student_logits, chunk_labels, chunk_mask, selected, counts):
+        n = idx.numel()
+        if not buffers:  # the first chunk is the largest
+            buffers["t"] = x_t.new_empty(student_logits.shape, dtype=teacher_weight.dtype)
+            buffers["hidden"] = student_logits.new_zeros(n, 1)  # the chunks' loss has no cosine term: _cosine_term's
+        no_hidden = buffers["hidden"][:n]
+        args = TripleLossArgs(
+            student_logits=student_logits,
+            teacher_logits=_project(x_t.index_select(0, idx), teacher_weight, teacher_bias, buffers["t"][:n]),
+            labels=chunk_labels, student_hidden=no_hidden, teacher_hidden=no_hidden, attention_mask=chunk_mask,
+            temperature=temperature, alpha_ce=alpha_ce, alpha_mlm=alpha_mlm, alpha_cos=0.0,
+            restrict_ce_to_mask=restrict_ce_to_mask, alpha_mse=alpha_mse)
+        return loss_kernel(args, selected, counts)
+
+    return project_chunks(student_input, student_weight, student_bias, labels, student_hidden, teacher_hidden,
+                          attention_mask, temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask,
+                          chunk_size, alpha_mse, chunk_loss, n_buffers=3)
 
 
 def _terms(args: tuple, restrict_ce_to_mask: bool, chunk_size: int, alpha_mse: float) -> tuple:

@@ -34,26 +34,22 @@ def _loss_dtype(student_logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if student_logits.dtype == torch.float64 else torch.float32
 
 
-def _check_devices(**named) -> None:
+def check_devices(op: str, **named) -> None:
     """A meta tensor among real ones sends a call to the fake kernel, which must then fail as the real kernel
     does rather than invent a result."""
     devices = [t.device for t in named.values()]
     common = max(set(devices), key=devices.count)
     for name, device in zip(named, devices):
         if device != common:
-            raise RuntimeError(f"triple_loss: {name} is on {device} but the other inputs are on {common}; "
+            raise RuntimeError(f"{op}: {name} is on {device} but the other inputs are on {common}; "
                                "expected all inputs on one device")
 
 
 # --- fake kernels --------------------------------------------------------------------------------------------
 
-def _forward_fake(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
-                  temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, alpha_mse=0.0):
-    _check_devices(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels,
-                   student_hidden=student_hidden, teacher_hidden=teacher_hidden, attention_mask=attention_mask)
-    torch._check(teacher_logits.shape == student_logits.shape)
-    torch._check(labels.shape == student_logits.shape[:-1])
-    torch._check(teacher_hidden.shape == student_hidden.shape)
+def forward_outputs_fake(student_logits: torch.Tensor, student_hidden: torch.Tensor) -> tuple:
+    """What a private loss forward on logits returns: the terms, the logits and hidden-state gradients and
+    logits_grad_scale."""
     scalar = student_logits.new_empty((), dtype=_loss_dtype(student_logits))
     return (*(scalar.clone() for _ in range(precomputed.N_TERMS)),
             torch.empty_like(student_logits, memory_format=torch.contiguous_format),
@@ -62,12 +58,22 @@ def _forward_fake(student_logits, teacher_logits, labels, student_hidden, teache
             scalar.clone())
 
 
+def _forward_fake(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
+                  temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, alpha_mse=0.0):
+    check_devices("triple_loss", student_logits=student_logits, teacher_logits=teacher_logits, labels=labels,
+                  student_hidden=student_hidden, teacher_hidden=teacher_hidden, attention_mask=attention_mask)
+    torch._check(teacher_logits.shape == student_logits.shape)
+    torch._check(labels.shape == student_logits.shape[:-1])
+    torch._check(teacher_hidden.shape == student_hidden.shape)
+    return forward_outputs_fake(student_logits, student_hidden)
+
+
 def _out_fake(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask, temperature,
               alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask, alpha_mse=0.0, *, grad_student_logits,
               grad_student_hidden, logits_grad_scale=1.0):
-    _check_devices(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels,
-                   student_hidden=student_hidden, teacher_hidden=teacher_hidden, attention_mask=attention_mask,
-                   grad_student_logits=grad_student_logits, grad_student_hidden=grad_student_hidden)
+    check_devices("triple_loss", student_logits=student_logits, teacher_logits=teacher_logits, labels=labels,
+                  student_hidden=student_hidden, teacher_hidden=teacher_hidden, attention_mask=attention_mask,
+                  grad_student_logits=grad_student_logits, grad_student_hidden=grad_student_hidden)
     scalar = student_logits.new_empty((), dtype=_loss_dtype(student_logits))
     return scalar, scalar.clone(), scalar.clone(), scalar.clone()
 
@@ -123,17 +129,19 @@ def _triton_scale_gradient_(grad, scale, traceable: bool = False):
     scale_gradient_(grad, scale, traceable=traceable)
 
 
-def _traced_on_cuda(implementation):
+def traced_on_cuda(implementation, compile_unsupported=None):
     """The FunctionalTensorMode rule (what triton_op registers for the ops it defines): AOTAutograd traces the
     Triton launcher on CUDA tensors, so the graph Inductor compiles holds the kernels themselves instead of an
     opaque call. CPU tensors, torch.export (which should keep the op whole rather than Triton source) and a torch
-    whose analysis of the kernels cannot be trusted (traced_compile_unsupported) get the mode's usual handling:
-    the fake kernel, and the op stays opaque in the graph."""
+    whose analysis of the kernels cannot be trusted (compile_unsupported, by default the online kernels'
+    traced_compile_unsupported) get the mode's usual handling: the fake kernel, and the op stays opaque in the
+    graph."""
 
     def rule(mode, op, types, args, kwargs):
         from fastdistil.kernels.triple_loss import traced_compile_unsupported
 
-        if args[0].device.type != "cuda" or torch.compiler.is_exporting() or traced_compile_unsupported():
+        unsupported = compile_unsupported or traced_compile_unsupported
+        if args[0].device.type != "cuda" or torch.compiler.is_exporting() or unsupported():
             return mode.__torch_dispatch__(op, types, args, kwargs)
         with mode:
             return implementation(*args, **kwargs, traceable=True)
@@ -166,7 +174,7 @@ def _register_triton_kernels() -> None:
     for op, implementation in (("fastdistil::_triple_loss_forward", triton_forward),
                                ("fastdistil::_scale_gradient_", _triton_scale_gradient_)):
         torch.library.register_kernel(op, "cuda", implementation)
-        torch.library.register_torch_dispatch(op, FunctionalTensorMode, _traced_on_cuda(implementation))
+        torch.library.register_torch_dispatch(op, FunctionalTensorMode, traced_on_cuda(implementation))
 
 
 if torch.cuda.is_available() and triton_kernels_error():
@@ -196,19 +204,26 @@ def auto_backend(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
     return "triton", f"sm{major}{minor}"
 
 
+def dispatch_terms(op: str, args: tuple, backend: tuple[str, str], forward, reference) -> tuple:
+    """All five loss terms (TripleLossOutput's), loss differentiable, of a loss op on logits: its private
+    `forward` where `backend` (auto_backend's (backend, why) for the logits) has a kernel, its `reference`
+    where none exists."""
+    name, why = backend
+    if name == "unsupported":
+        raise ValueError(f"{op}: no implementation for {args[0].dtype} logits on {args[0].device}: {why}")
+    if name == "reference":
+        return tuple(reference(*args))
+    return forward(*args)[:precomputed.N_TERMS]
+
+
 def _terms(args: TripleLossArgs) -> tuple:
-    """All five loss terms (TripleLossOutput's), loss differentiable, from the kernel of the logits' device, or
-    the reference where there is none: fastdistil::triple_loss's body, and backend="auto"'s."""
+    """All five loss terms, from the kernel of the logits' device, or the reference where there is none:
+    fastdistil::triple_loss's body, and backend="auto"'s."""
     # Label values are not read here: that would be a data-dependent branch wherever the op is traced, and the
     # C++ kernel checks them (the Python API checked them before the call).
     checks.triple_loss(*args[:10], args.alpha_mse, check_label_values=False)
-    backend, why = auto_backend(args.student_logits.device, args.student_logits.dtype)
-    if backend == "unsupported":
-        raise ValueError(f"triple_loss: no implementation for {args.student_logits.dtype} logits on "
-                         f"{args.student_logits.device}: {why}")
-    if backend == "reference":
-        return tuple(triple_loss_reference(*args))
-    return torch.ops.fastdistil._triple_loss_forward(*args)[:precomputed.N_TERMS]
+    return dispatch_terms("triple_loss", args, auto_backend(args.student_logits.device, args.student_logits.dtype),
+                          torch.ops.fastdistil._triple_loss_forward, triple_loss_reference)
 
 
 def _composite(student_logits, teacher_logits, labels, student_hidden, teacher_hidden, attention_mask,
