@@ -9,6 +9,12 @@ Providers, each from the same weights on the same batches, one optimizer step pe
                              logits), make_optimizer's fused AdamW.
   fastdistil_fused_logits    the same with --loss fused-logits: both models' logits, then the fused loss op.
   fastdistil_reference_loss  the same with --loss reference: the logits, then the recipe's unfused loss.
+  fastdistil_cache           what `python -m fastdistil.train --teacher-cache DIR` does per step: no teacher
+                             forward, the student's projection fused with the sparse triple loss against the
+                             teacher's top-k (k = fastdistil.cache_teacher's default, fp16 logits and hidden
+                             states, as the cache stores them), the bucket tail. The cached rows of each batch
+                             are computed once, before the timing, by the cache's own code (teacher_rows); a run
+                             reads them from its shards (~2 MB a batch here).
   matmul_floor               the distiller step's matrix products alone (bench/matmul_floor.py), replayed at
                              their shapes and in their order: a floor for the time of any exact step of these
                              models, so distiller / matmul_floor bounds the speed-up any implementation can
@@ -82,7 +88,8 @@ from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM, GPT2Config
                           get_linear_schedule_with_warmup)
 
 import fastdistil
-from fastdistil.train import data
+from fastdistil.cache_teacher.command import DEFAULT_TOP_K
+from fastdistil.train import data, teacher_cache
 from fastdistil.train.heads import ProjectionInputs
 from fastdistil.train.student import make_student
 from fastdistil.train import TrainConfig, make_optimizer, train_step
@@ -133,9 +140,12 @@ BATCH = TINY_BATCH if TINY else (32, 128) if CUDA else (8, 128)  # a GPU needs m
 N_BATCHES = 8  # the fixed batches every provider cycles through, in the same order
 # autocast dtype, as fastdistil.train maps --precision
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-PROVIDERS = ("distiller", "fastdistil", "fastdistil_fused_logits", "fastdistil_reference_loss", "matmul_floor")
+PROVIDERS = ("distiller", "fastdistil", "fastdistil_fused_logits", "fastdistil_reference_loss", "fastdistil_cache",
+             "matmul_floor")
 ORIGINAL_PROVIDERS = ("distiller", "matmul_floor")  # they take the original's labels (the same for a masked LM)
-LOSS_OF = {"fastdistil": "fused", "fastdistil_fused_logits": "fused-logits", "fastdistil_reference_loss": "reference"}
+LOSS_OF = {"fastdistil": "fused", "fastdistil_fused_logits": "fused-logits", "fastdistil_reference_loss": "reference",
+           "fastdistil_cache": "fused"}
+CACHE_DTYPE = torch.float16  # of the cached top-k logits and hidden states (cache_teacher's defaults)
 ROUNDS = dict.fromkeys(PRECISIONS, 10) if CUDA else {"fp32": 5, "bf16": 2, "fp16": 2}
 if "FASTDISTIL_BENCH_ROUNDS" in os.environ:
     ROUNDS = dict.fromkeys(ROUNDS, int(os.environ["FASTDISTIL_BENCH_ROUNDS"]))
@@ -249,10 +259,15 @@ def make_step(model: str, provider: str, precision: str, student, teacher, warmu
                                                 SCHEDULE_STEPS)
     student_inputs, teacher_inputs = ProjectionInputs(student), ProjectionInputs(teacher)
     scaler = torch.amp.GradScaler(next(student.parameters()).device.type, enabled=precision == "fp16")
+    if provider == "fastdistil_cache":
+        teacher_of = cached_teacher(model, teacher_inputs, cfg, amp_dtype)
+    else:
+        def teacher_of(batch):
+            return teacher_inputs
 
     # The trainer's step at grad-accum 1 on one process (its GradScaler is a pass-through unless fp16).
     def fastdistil_step(batch):
-        terms = train_step(student_inputs, teacher_inputs, batch, cfg, amp_dtype)
+        terms = train_step(student_inputs, teacher_of(batch), batch, cfg, amp_dtype)
         scaler.scale(terms.loss).backward()
         logged = torch.stack([t.detach().float().cpu() for t in terms])  # what it keeps for its log
         if torch.isfinite(logged[0]):  # it skips the update of a NaN/inf step
@@ -264,7 +279,24 @@ def make_step(model: str, provider: str, precision: str, student, teacher, warmu
         scheduler.step()
         return logged[0]
 
+    fastdistil_step.teacher_of = teacher_of
     return fastdistil_step, scaler
+
+
+def cached_teacher(model: str, teacher_inputs: ProjectionInputs, cfg: TrainConfig, amp_dtype):
+    """batch -> its TeacherRows, what a teacher cache holds for it, for every batch the cases cycle through."""
+    device = next(teacher_inputs.model.parameters()).device
+    rows = {}
+    for batch in batches_on(device, model, *BATCH):
+        rows[id(batch[0])] = teacher_cache.teacher_rows(
+            teacher_inputs, batch[0], batch[1], DEFAULT_TOP_K, cfg.temperature, amp_dtype, CACHE_DTYPE,
+            CACHE_DTYPE if cfg.alpha_cos > 0 else None)
+    return lambda batch: rows[id(batch[0])]
+
+
+def cache_bytes_per_token(teacher_rows: teacher_cache.TeacherRows) -> float:
+    """Bytes the cache holds per non-padding token of a batch (its shards' tensors, without their headers)."""
+    return sum(t.numel() * t.element_size() for t in teacher_rows if t is not None) / teacher_rows.logsumexp.size(0)
 
 
 def settle_loss_scale(step, scaler, batches) -> int:
@@ -346,6 +378,16 @@ def test_train_step(benchmark, copy_bandwidth, model, precision, provider):
     # over what training holds between steps (weights and moments; zero_grad frees the gradients).
     peak = peak_extra_bytes(timed, next(batches), device=DEVICE)
 
+    # What training keeps between steps: the student's weights and AdamW's two moments, and the frozen teacher's
+    # weights unless the teacher is a cache (the distiller's and fastdistil's online steps both hold it).
+    def weight_bytes(m):
+        return sum(p.numel() * p.element_size() for p in m.parameters())
+
+    held = None if provider == "matmul_floor" else (
+        3 * weight_bytes(student) + (0 if provider == "fastdistil_cache" else weight_bytes(teacher)))
+    if provider == "fastdistil_cache":
+        benchmark.extra_info.update(top_k=DEFAULT_TOP_K,
+                                    cache_bytes_per_token=cache_bytes_per_token(step.teacher_of(next(batches))))
     tokens_per_batch = statistics.mean(tokens[-rounds:])
     stats = benchmark.stats.stats if benchmark.stats else None  # None under --benchmark-disable
     benchmark.extra_info.update(
@@ -354,6 +396,8 @@ def test_train_step(benchmark, copy_bandwidth, model, precision, provider):
         tokens_per_batch=tokens_per_batch,
         tokens_per_s=tokens_per_batch / stats.median if stats else None,
         peak_extra_mb=peak / 1e6,
+        held_mb=None if held is None else held / 1e6,
+        peak_total_mb=None if held is None else (held + peak) / 1e6,
         teacher_params=sum(p.numel() for p in teacher.parameters()),
         student_params=sum(p.numel() for p in student.parameters()),
         teacher_layers=teacher.config.num_hidden_layers,

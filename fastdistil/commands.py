@@ -1,12 +1,12 @@
-"""What the python -m commands (train, evaluate) share: flags made from a config dataclass, the device a
-run uses, one-line errors, and files written whole."""
+"""What the python -m commands (train, cache_teacher, evaluate, export) share: flags made from a config
+dataclass, the device a run uses, one-line errors, and files written whole."""
 
 import argparse
 import dataclasses
 import os
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -26,7 +26,16 @@ def parser_for(config_class, prog: str, description: str) -> argparse.ArgumentPa
     """An argparse parser with one flag per field of config_class (--max-steps for max_steps; booleans as
     --x/--no-x), each defaulting to None so that what the user typed can be told from the defaults."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_flags(parser, config_class)
+    return parser
+
+
+def add_flags(parser: argparse.ArgumentParser, config_class, names: Collection[str] | None = None) -> None:
+    """parser_for's flags for the fields of config_class, or for those of them named in `names`: a command
+    that takes another command's flags (cache_teacher, the trainer's data flags) reads them the same way."""
     for field in dataclasses.fields(config_class):
+        if names is not None and field.name not in names:
+            continue
         extra = dict(field.metadata["argparse"])
         text = field.metadata["help"]
         if field.default is not None and "default" not in text:
@@ -40,7 +49,6 @@ def parser_for(config_class, prog: str, description: str) -> argparse.ArgumentPa
         else:
             extra.setdefault("type", kind)
             parser.add_argument("--" + field.name.replace("_", "-"), default=None, help=text, **extra)
-    return parser
 
 
 def config_from(config_class, values: dict):

@@ -1,6 +1,9 @@
-"""Bad input: an error naming the argument from the Python API and the raw ops, and no half-written output."""
+"""Bad input: an error naming the argument from the Python API and the raw ops, and no half-written output; a
+teacher cache that does not fit its run, or is damaged, refused in one line before anything is written."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,8 +11,10 @@ import pytest
 import torch
 
 import fastdistil
-from fastdistil import _C
-from helpers import TENSORS, make_inputs, map_tensors
+from fastdistil import _C, cache_teacher, train
+from fastdistil.train import teacher_cache
+from helpers import TENSORS, TINY_POSITIONS, make_inputs, map_tensors
+from training_runs import cache_args, cached_args, make_cache
 
 VOCAB = 11
 
@@ -159,3 +164,130 @@ def test_the_old_name_of_the_16_byte_isa_still_works_with_a_deprecation_warning(
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "vec128"
     assert "'scalar' is now called 'vec128'" in proc.stderr
+
+
+# --- a teacher cache and the runs from it: one line from the command, before anything is written ---------------
+
+CACHE_DATA = ["--max-seq-len", str(TINY_POSITIONS), "--max-documents", "8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(roberta_dir, corpus, tmp_path_factory):
+    """A k = 8 cache of the tiny RoBERTa teacher, made without the cosine term: what each case breaks."""
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    make_cache(roberta_dir, corpus, out, *CACHE_DATA, "--top-k", "8", "--shard-batches", "4", "--alpha-cos", "0")
+    return out
+
+
+def one_line_error(command, argv, capsys) -> str:
+    """The error of a command that must fail: exit status 2 and one line (progress bars aside)."""
+    assert command(argv) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    return line
+
+
+def train_from(cache, corpus, out, *extra):
+    """A run from the cache with its flags, 2 steps unless extra says how long."""
+    length = [] if {"--epochs", "--max-steps"} & set(extra) else ["--max-steps", "2"]
+    return cached_args(cache, corpus, out, *CACHE_DATA, "--alpha-cos", "0", *length, *extra)
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--batch-size", "2"], ["made with --batch-size 4", "this run has --batch-size 2"]),
+    (["--seed", "7"], ["--seed 56", "--seed 7"]),
+    (["--temperature", "3"], ["--temperature 2.0", "--temperature 3.0"]),
+    (["--mlm-prob", "0.2"], ["--mlm-prob 0.15", "--mlm-prob 0.2"]),
+    (["--teacher", "tiny-bert"], ["--teacher-cache", "--teacher tiny-bert", "give one"]),
+    (["--alpha-mse", "1"], ["--alpha-mse", "top-k"]),
+    (["--alpha-cos", "1"], ["--alpha-cos 1.0", "no teacher hidden states"]),
+    (["--epochs", "2"], ["holds 1 epoch(s)", "needs 2"]),
+    (["--max-steps", "1000"], ["holds 1 epoch(s)", "needs 48"]),
+    (["--student-layers", "1,3"], ["no initial student teacher-layers-1-3"]),
+], ids=["batch-size", "seed", "temperature", "mlm-prob", "with-teacher", "alpha-mse", "no-hidden", "epochs",
+        "steps-past-the-cache", "student"])
+def test_a_run_that_does_not_match_its_cache(tiny_cache, corpus, tmp_path, capsys, extra, words):
+    out = tmp_path / "run"
+    error = one_line_error(train.cli, train_from(tiny_cache, corpus, out, *extra), capsys)
+    assert all(w in error for w in words), error
+    assert not out.exists()
+
+
+def damaged_copy(cache, tmp_path, damage):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    damage(copy)
+    return copy
+
+
+def _shard(cache):
+    return cache / teacher_cache.SHARDS_DIR / teacher_cache.shard_name(0, 4)
+
+
+def _edit_manifest(cache, edit):
+    path = cache / teacher_cache.MANIFEST
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda c: _shard(c).write_bytes(_shard(c).read_bytes()[:-100]), ["e0000-b00000004", "damaged", "bytes"]),
+    (lambda c: _shard(c).write_bytes(_shard(c).read_bytes()[:-1] + b"?"), ["e0000-b00000004", "SHA-256"]),
+    (lambda c: _shard(c).unlink(), ["e0000-b00000004", "missing"]),
+    (lambda c: (c / teacher_cache.SHARDS_DIR / teacher_cache.HELDOUT).unlink(), ["heldout", "missing"]),
+    (lambda c: _edit_manifest(c, lambda m: m.update(complete=False)), ["incomplete"]),
+    (lambda c: (c / teacher_cache.MANIFEST).unlink(), ["no manifest.json"]),
+], ids=["truncated-shard", "changed-shard", "missing-shard", "missing-heldout", "incomplete", "no-manifest"])
+def test_a_damaged_cache_is_refused_before_any_step(tiny_cache, corpus, tmp_path, capsys, damage, words):
+    out = tmp_path / "run"
+    cache = damaged_copy(tiny_cache, tmp_path, damage)
+    error = one_line_error(train.cli, train_from(cache, corpus, out), capsys)
+    assert all(w in error for w in words), error
+    assert not out.exists()
+
+
+def test_a_cache_of_other_data_under_the_same_flags_is_refused(tiny_cache, corpus, tmp_path, capsys):
+    """The corpus file changed after the cache was made: the flags agree, the tokenized data do not (one word
+    of the first document, the number of sequences unchanged)."""
+    changed = tmp_path / "docs.txt"
+    changed.write_text(corpus.read_text().replace(" the ", " a ", 1))
+    cache = damaged_copy(tiny_cache, tmp_path, lambda c: _edit_manifest(
+        c, lambda m: m["params"]["run"].update({"--dataset": str(changed)})))
+    out = tmp_path / "run"
+    error = one_line_error(train.cli, train_from(cache, changed, out), capsys)
+    assert "the run's data differ from the cache's" in error and "_sha256" in error, error
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--top-k", "0"], ["--top-k must be > 0"]),
+    (["--top-k", "-3"], ["--top-k must be > 0"]),
+    (["--top-k", "321"], ["--top-k 321 exceeds", "V = 320"]),
+    (["--epochs", "0"], ["--epochs must be > 0"]),
+    (["--hidden-dtype", "int8"], ["invalid choice"]),
+], ids=["k-0", "k-negative", "k-above-V", "epochs-0", "hidden-dtype"])
+def test_bad_cache_teacher_settings(roberta_dir, corpus, tmp_path, capsys, extra, words):
+    out = tmp_path / "cache"
+    if extra[0] == "--hidden-dtype":  # argparse's own check of choices: its usage line and exit status 2
+        with pytest.raises(SystemExit):
+            cache_teacher.cli(cache_args(roberta_dir, corpus, out, *CACHE_DATA, *extra))
+        error = capsys.readouterr().err
+    else:
+        error = one_line_error(cache_teacher.cli, cache_args(roberta_dir, corpus, out, *CACHE_DATA, *extra), capsys)
+    assert all(w in error for w in words), error
+    assert not out.exists()
+
+
+def test_cache_teacher_leaves_another_cache_or_other_files_alone(tiny_cache, roberta_dir, corpus, tmp_path, capsys):
+    cache = damaged_copy(tiny_cache, tmp_path, lambda c: None)
+    manifest = (cache / teacher_cache.MANIFEST).read_bytes()
+    error = one_line_error(cache_teacher.cli, cache_args(roberta_dir, corpus, cache, *CACHE_DATA, "--top-k", "16",
+                                                         "--shard-batches", "4", "--alpha-cos", "0"), capsys)
+    assert "made with top_k 8, this run has 16" in error and "--overwrite" in error, error
+    assert (cache / teacher_cache.MANIFEST).read_bytes() == manifest
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    error = one_line_error(cache_teacher.cli, cache_args(roberta_dir, corpus, other, *CACHE_DATA), capsys)
+    assert "is not empty and holds no teacher cache" in error
+    assert [p.name for p in other.iterdir()] == ["keep.txt"]

@@ -38,8 +38,10 @@ def run_config(run: Path) -> TrainConfig:
 def random_init_run(run: Path, cfg: TrainConfig, world_size: int) -> Path:
     """RUN_DIR/random-init: the run repeated from a random-init student, trained unless already there."""
     out = run / RANDOM_RUN
+    # A run from a teacher cache is repeated online: the cache holds the initial students it was made for, and
+    # the recorded teacher is the cache's.
     wanted = dataclasses.replace(cfg, student_init="random", output_dir=str(out), overwrite=True, resume=None,
-                                 grad_accum=cfg.grad_accum * world_size)
+                                 grad_accum=cfg.grad_accum * world_size, teacher_cache=None)
     if (out / "summary.json").is_file() and (out / "config.json").is_file():
         if dataclasses.asdict(run_config(out)) == dataclasses.asdict(wanted):
             return out

@@ -6,7 +6,8 @@ implementation per device, and the Python API last. It is fused_linear_triple_lo
 gone: the chunk loop is that op's (project_chunks: global normalizers, rows that contribute nothing dropped, the
 cosine term computed once, fp16's power of two), and each chunk's loss is sparse_triple_loss's kernel on the
 chunk's projected student logits and its rows of the cached teacher. Two [chunk, V] buffers are alive at once
-instead of three, so the default chunk is half as large again.
+instead of three; the default chunk is the online op's all the same (n_buffers=3), so that the cache's step
+holds a third less for them rather than filling the same bytes with larger chunks.
 
 On CUDA the Triton kernel normalizes each chunk by the batch's counts on the device; on CPU the C++ kernel
 normalizes by the chunk's own, and weights scaled by the chunk's share of the batch's counts turn its means into
@@ -92,7 +93,7 @@ def _forward(student_input, student_weight, student_bias, teacher_topk_logits, t
 
     return project_chunks(student_input, student_weight, student_bias, labels, student_hidden, teacher_hidden,
                           attention_mask, temperature, alpha_ce, alpha_mlm, alpha_cos, restrict_ce_to_mask,
-                          chunk_size, 0.0, chunk_loss, n_buffers=2)
+                          chunk_size, 0.0, chunk_loss, n_buffers=3)
 
 
 def _terms(args: tuple, restrict_ce_to_mask: bool, tail: str, chunk_size: int) -> tuple:

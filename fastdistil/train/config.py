@@ -18,14 +18,18 @@ DESCRIPTION = ("distill a BERT or RoBERTa masked LM, or a GPT-2 causal LM, into 
                "(Sanh et al. 2019: DistilBERT, DistilRoBERTa, DistilGPT2)")
 # --teacher's names for the teachers fastdistil ships.
 BUILT_IN_TEACHERS = {"tiny-bert": assets.TEACHER, "tiny-gpt2": assets.DIR / "tiny-gpt2-teacher"}
+DEFAULT_TEACHER = "tiny-bert"
 # The weight of the LM term the teacher's family trains with, when neither --alpha-mlm nor --alpha-clm is given.
 DEFAULT_ALPHA_LM = 2.0
 
 
 @dataclass
 class TrainConfig:
-    teacher: str = flag("tiny-bert", "a BERT or RoBERTa masked LM or a GPT-2 causal LM: hub name, directory, or a "
-                                     "built-in one (tiny-bert, tiny-gpt2)")
+    # None until main fills in the default: so that --teacher given beside --teacher-cache can be told apart.
+    teacher: str | None = flag(None, "a BERT or RoBERTa masked LM or a GPT-2 causal LM: hub name, directory, or a "
+                                     f"built-in one (tiny-bert, tiny-gpt2; default: {DEFAULT_TEACHER})")
+    teacher_cache: str | None = flag(None, "train against the teacher outputs python -m fastdistil.cache_teacher "
+                                           "wrote to this directory (its top-k logits): no teacher is loaded")
     tokenizer: str | None = flag(None, "default: the teacher's")
     dataset: str = flag(data.DEFAULT_DATASET, "wiki-vital (bundled), a .txt/.jsonl file or folder, or a HF dataset")
     dataset_config: str | None = flag(None, "the Hugging Face dataset's config")
@@ -75,6 +79,9 @@ class TrainConfig:
     loss: str = flag("fused", "fused: projection and loss chunk by chunk, no [N, V] logits; fused-logits: "
                               "logits, then the fused loss; reference: logits, then the unfused recipe loss",
                      choices=("fused", "fused-logits", "reference"))
+    tail: str = flag("bucket", "with --teacher-cache, the teacher's probability outside its top-k: bucket (one "
+                               "more class, against the student's probability there) or renormalize (the top-k "
+                               "alone, rescaled to sum to 1)", choices=("bucket", "renormalize"))
     device: str = flag("auto", "cuda when there is a GPU, else cpu", choices=("auto", "cpu", "cuda"))
     save_every: int = flag(0, "optimizer steps between checkpoints; 0: none (SIGTERM still saves one)")
     keep_last: int = flag(3, "checkpoints kept")
@@ -98,7 +105,23 @@ class TrainConfig:
 
 def check_config(cfg: TrainConfig) -> None:
     """A ValueError naming the first bad setting, before anything is read or written."""
+    check_values(cfg)
+    out = Path(cfg.output_dir)
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite and cfg.resume is None:
+        raise ValueError(f"--output-dir {out} is not empty; pass --overwrite to replace its contents or "
+                         "--resume to continue its run")
+
+
+def check_values(cfg: TrainConfig) -> None:
+    """check_config's checks of the settings themselves, without --output-dir's: those that cache_teacher, which
+    writes elsewhere, shares."""
     check_choices(cfg)
+    if cfg.teacher_cache is not None and cfg.teacher is not None:
+        raise ValueError(f"--teacher-cache {cfg.teacher_cache} and --teacher {cfg.teacher}: give one; a run from a "
+                         "cache loads no teacher, and the cache names the one it was made with")
+    if cfg.teacher_cache is not None and cfg.alpha_mse:
+        raise ValueError(f"--alpha-mse {cfg.alpha_mse} with --teacher-cache: the MSE term needs every teacher "
+                         "logit, and a cache holds the top-k only")
     for name in ("alpha_ce", "alpha_mlm", "alpha_clm", "alpha_cos", "alpha_mse", "weight_decay"):
         if getattr(cfg, name) is not None and not getattr(cfg, name) >= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
@@ -114,14 +137,17 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.max_steps is not None and cfg.max_steps < 0:
         raise ValueError(f"--max-steps must be >= 0, got {cfg.max_steps}")
     device_of(cfg.device)
-    out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite and cfg.resume is None:
-        raise ValueError(f"--output-dir {out} is not empty; pass --overwrite to replace its contents or "
-                         "--resume to continue its run")
     if cfg.keep_last < 1:
         raise ValueError(f"--keep-last must be >= 1, got {cfg.keep_last}")
     if cfg.max_bad_steps < 0:
         raise ValueError(f"--max-bad-steps must be >= 0, got {cfg.max_bad_steps}")
+
+
+def with_default_teacher(cfg: TrainConfig) -> TrainConfig:
+    """cfg with --teacher's default filled in where neither --teacher nor --teacher-cache is given."""
+    if cfg.teacher is None and cfg.teacher_cache is None:
+        return dataclasses.replace(cfg, teacher=DEFAULT_TEACHER)
+    return cfg
 
 
 def teacher_path(cfg: TrainConfig) -> str:
@@ -153,7 +179,8 @@ def for_family(cfg: TrainConfig, family: Family, teacher_config) -> TrainConfig:
     return dataclasses.replace(cfg, **{given: weight, other: 0.0})
 
 
-def _config_file(path: Path) -> dict:
+def config_file(path: Path) -> dict:
+    """The TrainConfig keys of a --config file (YAML or JSON); an unknown key is a ValueError."""
     if not path.exists():
         raise ValueError(f"--config {path} does not exist")
     text = path.read_text()
@@ -175,6 +202,6 @@ def parse_args(argv=None) -> TrainConfig:
     parser = parser_for(TrainConfig, "python -m fastdistil.train", DESCRIPTION)
     parser.add_argument("--config", type=Path, help="YAML or JSON file with TrainConfig keys")
     args = vars(parser.parse_args(argv))
-    config_file = args.pop("config")
-    values = _config_file(config_file) if config_file is not None else {}
+    config_path = args.pop("config")
+    values = config_file(config_path) if config_path is not None else {}
     return config_from(TrainConfig, {**values, **{k: v for k, v in args.items() if v is not None}})

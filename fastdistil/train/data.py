@@ -25,6 +25,7 @@ import bisect
 import contextlib
 import functools
 import gzip
+import hashlib
 import itertools
 import json
 import math
@@ -299,6 +300,16 @@ def masking_probabilities(sequences, vocab_size: int, special_ids: list[int], sm
     probs = counts.clamp_min(1.0) ** -smoothing
     probs[list(special_ids)] = 0.0
     return probs.float()
+
+
+def fingerprint(sequences) -> str:
+    """SHA-256 of the sequences' token ids, in order (each sequence's length first): what tells whether two
+    runs tokenized the same text the same way, read COUNT_BATCH sequences at a time."""
+    digest = hashlib.sha256()
+    for batch in sequences.iter(batch_size=COUNT_BATCH):
+        for ids in batch["input_ids"]:
+            digest.update(np.int64(len(ids)).tobytes() + np.asarray(ids, dtype=np.int32).tobytes())
+    return digest.hexdigest()
 
 
 def heldout_split(sequences, fraction: float, seed: int):

@@ -1,6 +1,8 @@
 """What a run is made of, read from its config: the teacher's family (checked against the flags before any
-weight is read), the tokenizer, the teacher, and the tokenized, split corpus with the way the run walks it. The
-training loop and the evaluation of a causal run (which scores the run's own held-out split) share them.
+weight is read), the tokenizer, the teacher and the student it starts, and the tokenized, split corpus with the
+way the run walks it. The training loop, cache_teacher and the evaluation of a causal run (which scores the run's
+own held-out split) share them. A run from a teacher cache reads the teacher's config and tokenizer from the
+cache (teacher_cache.TEACHER_DIR), never its weights.
 """
 
 from dataclasses import dataclass
@@ -9,9 +11,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from fastdistil.train import data, distributed
+from fastdistil.train import data, distributed, teacher_cache
 from fastdistil.train.config import BUILT_IN_TEACHERS, TrainConfig, teacher_path
 from fastdistil.train.families import Family, family_of
+from fastdistil.train.student import make_student
 
 DROPOUT_STREAM = 1  # data.seed_at(seed, epoch, batch, DROPOUT_STREAM) seeds dropout, apart from the masking
 HELDOUT_STREAM = -1  # the held-out masks: data.rng(seed, HELDOUT_STREAM, batch), the same in every run
@@ -68,11 +71,18 @@ class TrainingData:
         return batches
 
 
+def _cached_teacher(cfg: TrainConfig) -> str | None:
+    """Where a run from a teacher cache reads the teacher's config and tokenizer; None for other runs."""
+    return None if cfg.teacher_cache is None else str(Path(cfg.teacher_cache) / teacher_cache.TEACHER_DIR)
+
+
 def load_tokenizer(cfg: TrainConfig, family: Family, teacher_config):
     """The tokenizer, checked against the teacher before its weights are read: the family's special tokens
-    (a tokenizer of another family lacks some) and the vocabulary size."""
-    name = cfg.tokenizer or teacher_path(cfg)
-    flag = "--tokenizer" if cfg.tokenizer else "--teacher (no --tokenizer given)"
+    (a tokenizer of another family lacks some) and the vocabulary size. From a teacher cache, the cache's copy
+    of the tokenizer it was made with."""
+    name = _cached_teacher(cfg) or cfg.tokenizer or teacher_path(cfg)
+    flag = ("--teacher-cache" if cfg.teacher_cache else "--tokenizer" if cfg.tokenizer else
+            "--teacher (no --tokenizer given)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         family.special_ids(tokenizer)
@@ -88,15 +98,16 @@ def load_tokenizer(cfg: TrainConfig, family: Family, teacher_config):
 def teacher_family(cfg: TrainConfig) -> tuple[Family, object]:
     """(the teacher's family, its config), from its config.json alone: what the flags are checked against
     before any weight is read."""
-    path = teacher_path(cfg)
-    if cfg.teacher in BUILT_IN_TEACHERS and not Path(path).exists():
+    path = _cached_teacher(cfg) or teacher_path(cfg)
+    if cfg.teacher_cache is None and cfg.teacher in BUILT_IN_TEACHERS and not Path(path).exists():
         raise ValueError(f"the built-in teacher {cfg.teacher} is not in this installation ({path}); pass --teacher "
                          "(a hub name or a local directory of a BERT or RoBERTa masked LM or a GPT-2 causal LM)")
     try:
         config = AutoConfig.from_pretrained(path)
         return family_of(config), config
     except (OSError, ValueError) as exc:
-        raise ValueError(f"--teacher {cfg.teacher}: {' '.join(str(exc).split())}") from exc
+        source = f"--teacher-cache {cfg.teacher_cache}" if cfg.teacher_cache else f"--teacher {cfg.teacher}"
+        raise ValueError(f"{source}: {' '.join(str(exc).split())}") from exc
 
 
 def load_teacher(cfg: TrainConfig, device, family: Family) -> torch.nn.Module:
@@ -112,6 +123,13 @@ def load_teacher(cfg: TrainConfig, device, family: Family) -> torch.nn.Module:
         raise ValueError(f"--teacher {cfg.teacher}: not a {kind} (its checkpoint has no LM head: "
                          f"{untrained_head[0]} is missing)")
     return teacher.float().to(device).eval().requires_grad_(False)
+
+
+def initial_student(cfg: TrainConfig, teacher: torch.nn.Module) -> torch.nn.Module:
+    """The student the run starts from (on the CPU): --student-layers, --student-init and --vocab-transform of
+    the teacher. A random init draws from torch's generator: the caller seeds it."""
+    layers = None if cfg.student_layers is None else [int(i) for i in cfg.student_layers.split(",")]
+    return make_student(teacher, layers, cfg.student_init, cfg.vocab_transform)
 
 
 def load_data(cfg: TrainConfig, tokenizer, procs: distributed.Processes, family: Family) -> TrainingData:

@@ -6,6 +6,11 @@ objective (masking or shifting), checks the flags against it, loads the teacher 
 tokenizes and splits the corpus, makes the optimizer, resumes from a checkpoint if asked, and runs the loop.
 Each step accumulates the gradients of its micro-batches, steps the optimizer, logs, and maybe saves. At the
 end rank 0 exports the student and writes the held-out metrics.
+
+With --teacher-cache no teacher is loaded: the config and tokenizer come from the cache, the student is the
+initial one cache_teacher saved, each micro-batch's teacher outputs are read from the cache (checked against
+the run's flags, data and epochs, and every shard it reads against its checksum, before the first step), and
+the loss is the sparse triple loss.
 """
 
 import contextlib
@@ -18,6 +23,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +35,13 @@ from fastdistil.commands import atomic_write_text, device_of, run_command
 from fastdistil.ops.attention import register_with_transformers
 from fastdistil.ops.values import TripleLossOutput
 from fastdistil.train import checkpoint, distributed, heads
-from fastdistil.train.config import DEFAULT_MAX_STEPS, TrainConfig, check_config, for_family, parse_args
+from fastdistil.train.config import (DEFAULT_MAX_STEPS, TrainConfig, check_config, for_family, parse_args,
+                                     with_default_teacher)
 from fastdistil.train.families import Family
-from fastdistil.train.inputs import TrainingData, load_data, load_teacher, load_tokenizer, teacher_family
+from fastdistil.train.inputs import (TrainingData, initial_student, load_data, load_teacher, load_tokenizer,
+                                     teacher_family)
 from fastdistil.train.step import heldout_metrics, make_optimizer, train_step
-from fastdistil.train.student import make_student
+from fastdistil.train.teacher_cache import TeacherCache
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.json", "checkpoints", "student", "tensorboard")
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,9 +83,18 @@ def main(cfg: TrainConfig) -> dict:
         has_checkpoint = bool(checkpoint.checkpoints(out / "checkpoints"))
         cfg = dataclasses.replace(cfg, resume="latest" if has_checkpoint else None, overwrite=True)
     check_config(cfg)
+    cfg = with_default_teacher(cfg)
+    with process_group(cfg) as procs:
+        return distil(cfg, procs, out)
+
+
+@contextlib.contextmanager
+def process_group(cfg: TrainConfig) -> Iterator[distributed.Processes]:
+    """This process's place in torchrun's process group, joined for cfg's device (a plain launch is rank 0 of 1);
+    the group is left at the end."""
     procs = distributed.init(device_of(cfg.device).type)
     try:
-        return distil(cfg, procs, out)
+        yield procs
     finally:
         distributed.shutdown()
 
@@ -85,25 +102,48 @@ def main(cfg: TrainConfig) -> dict:
 def distil(cfg: TrainConfig, procs: distributed.Processes, out: Path) -> dict:
     device = run_device(cfg, procs)
     torch.manual_seed(cfg.seed)  # the same initial student (random init) on every rank
+    cache = None if cfg.teacher_cache is None else TeacherCache(cfg)
+    if cache is not None:  # config.json names the teacher the cache was made with: evaluate fine-tunes it
+        cfg = dataclasses.replace(cfg, teacher=cache.teacher["name"])
     family, teacher_config = teacher_family(cfg)
     cfg = for_family(cfg, family, teacher_config)
     tokenizer = load_tokenizer(cfg, family, teacher_config)
-    teacher = load_teacher(cfg, device, family)
-    layers = None if cfg.student_layers is None else [int(i) for i in cfg.student_layers.split(",")]
-    student = make_student(teacher, layers, cfg.student_init, cfg.vocab_transform).to(device).train()
+    if cache is None:
+        teacher = load_teacher(cfg, device, family)
+        student = initial_student(cfg, teacher)
+        teacher_inputs = heads.ProjectionInputs(teacher)
+
+        def teacher_of(epoch, index, batch):
+            return teacher_inputs
+
+        heldout_teacher, teacher_summary = teacher, {"teacher_params": sum(p.numel() for p in teacher.parameters())}
+    else:
+        student = cache.student(cfg, family, teacher_config)
+
+        def teacher_of(epoch, index, batch):
+            return cache.rows(epoch, index, batch, device)
+
+        heldout_teacher = cache.heldout_rows
+        teacher_summary = {"teacher_params": cache.teacher["parameters"], "teacher_cache": str(cache.dir),
+                           "top_k": cache.params["top_k"], "tail": cfg.tail}
+    student = student.to(device).train()
     # Frozen before the optimizer exists, so that it holds no state for them and they stay bit-identical.
     for param in family.frozen_embeddings(student, cfg.freeze_pos_embs, cfg.freeze_token_type_embs):
         param.requires_grad_(False)
     if cfg.attention == "fastdistil":
         register_with_transformers()
     student.set_attn_implementation(cfg.attention)  # not saved with the student: its export loads anywhere
-    model, teacher_inputs = heads.ProjectionInputs(student), heads.ProjectionInputs(teacher)
-    if procs.world_size > 1:  # the frozen teacher is a plain replica on every rank
+    model = heads.ProjectionInputs(student)
+    if procs.world_size > 1:  # the frozen teacher (or the cache's reader) is a plain replica on every rank
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[procs.local_rank] if device.type == "cuda" else None)
     run_data = load_data(cfg, tokenizer, procs, family)
     total_steps = cfg.max_steps if cfg.max_steps is not None else (
         run_data.steps_per_epoch * cfg.epochs if cfg.epochs is not None else DEFAULT_MAX_STEPS)
+    if cache is not None:
+        epochs = -(-total_steps // run_data.steps_per_epoch)  # those the steps reach into
+        cache.check_data(run_data, epochs)
+        cache.verify(epochs, procs)
 
     amp_dtype = AMP_DTYPES[cfg.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -135,7 +175,7 @@ def distil(cfg: TrainConfig, procs: distributed.Processes, out: Path) -> dict:
         while progress.step < total_steps and not stopping:
             # Accumulate: this rank's micro-batches of the step, forward and backward; then the stats of all
             # processes, with whether any was asked to stop meanwhile.
-            stats = accumulate(model, teacher_inputs, run_data, progress, cfg, procs, scaler, amp_dtype, device)
+            stats = accumulate(model, teacher_of, run_data, progress, cfg, procs, scaler, amp_dtype, device)
             stats = dataclasses.replace(stats, stopping=stop.signal is not None).over_processes(procs)
             stopping = stats.stopping
             # Step the optimizer, unless the loss is NaN or inf: then the step is skipped (no update) and the
@@ -176,16 +216,17 @@ def distil(cfg: TrainConfig, procs: distributed.Processes, out: Path) -> dict:
                 "checkpoint": str(out / "checkpoints" / f"{checkpoint.PREFIX}{progress.step:08d}")}
     summary = {}
     if procs.is_main:
-        summary = finish(cfg, out, procs, progress, progress.wall_s + time.time() - start, tokenizer, teacher,
-                         student, run_data, device, family)
+        summary = finish(cfg, out, procs, progress, progress.wall_s + time.time() - start, tokenizer,
+                         heldout_teacher, teacher_summary, student, run_data, device, family)
     distributed.barrier(procs)
     return summary
 
 
-def accumulate(model, teacher_inputs, run_data: TrainingData, progress: Progress, cfg: TrainConfig,
+def accumulate(model, teacher_of, run_data: TrainingData, progress: Progress, cfg: TrainConfig,
                procs: distributed.Processes, scaler, amp_dtype, device) -> StepStats:
     """The gradients of this rank's micro-batches of the next step, accumulated in the student (DDP syncs
-    them at the last one), and what they add up to."""
+    them at the last one), and what they add up to. teacher_of(epoch, index, batch) is train_step's teacher for
+    micro-batch `index` of the epoch."""
     plan = run_data.plan(progress.epoch)
     batches = run_data.step_batches(progress.step_in_epoch)
     step_tokens = sum(run_data.lengths[i] for b in batches for i in plan[b])
@@ -200,7 +241,7 @@ def accumulate(model, teacher_inputs, run_data: TrainingData, progress: Progress
         weight = n_tokens * procs.world_size / step_tokens if cfg.token_weighted else 1 / cfg.grad_accum
         sync = n == len(mine) - 1 or procs.world_size == 1
         with contextlib.nullcontext() if sync else model.no_sync():
-            out_terms = train_step(model, teacher_inputs, batch, cfg, amp_dtype)
+            out_terms = train_step(model, teacher_of(progress.epoch, index, batch), batch, cfg, amp_dtype)
             scaler.scale(out_terms.loss * weight).backward()
         terms += torch.stack([t.detach().float().cpu() for t in out_terms]) * weight
         tokens += n_tokens
@@ -293,8 +334,9 @@ def prepare_output_dir(cfg: TrainConfig, out: Path, procs: distributed.Processes
 
 
 def finish(cfg: TrainConfig, out: Path, procs: distributed.Processes, progress: Progress, wall: float, tokenizer,
-           teacher, student, run_data: TrainingData, device, family: Family) -> dict:
-    """Exports the student with its tokenizer and writes summary.json with the held-out metrics."""
+           heldout_teacher, teacher_summary: dict, student, run_data: TrainingData, device, family: Family) -> dict:
+    """Exports the student with its tokenizer and writes summary.json with the held-out metrics
+    (heldout_teacher: heldout_metrics' teacher)."""
     export = out / "student"
     student.save_pretrained(export)
     tokenizer.save_pretrained(export)
@@ -303,9 +345,8 @@ def finish(cfg: TrainConfig, out: Path, procs: distributed.Processes, progress: 
                "world_size": procs.world_size, "effective_batch": cfg.batch_size * run_data.micro_per_step,
                "train_sequences": len(run_data.train_set), "heldout_sequences": len(run_data.heldout),
                "train_tokens": progress.tokens, "train_tokens_per_s": progress.tokens / max(wall, 1e-9),
-               "teacher_params": sum(p.numel() for p in teacher.parameters()),
-               "student_params": sum(p.numel() for p in student.parameters()),
-               **heldout_metrics(teacher, student, run_data.heldout_batches(), device, family.causal)}
+               **teacher_summary, "student_params": sum(p.numel() for p in student.parameters()),
+               **heldout_metrics(heldout_teacher, student, run_data.heldout_batches(), device, family.causal)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
