@@ -5,13 +5,13 @@ PNG plots, the paper's published numbers beside ours.
                            [--out bench/results/REPORT.md] [--readme README.md]
 
 reads whichever of inference.json, export.json, train_step.json, train_step_gpt2.json (the training step's BERT and
-GPT-2 rows), triple_loss.json, fused_linear.json (CPU), gpu.json and train_step_gpu.json (a GPU machine's
-test_bench_gpu.py and CUDA training step) exist in the results folder (pytest --benchmark-json files of the bench/
-suites; a missing one is named in the report, with the command that measures it) and the `python -m
+GPT-2 rows), teacher_cache.json, triple_loss.json, fused_linear.json (CPU), gpu.json and train_step_gpu.json (a GPU
+machine's test_bench_gpu.py and CUDA training step) exist in the results folder (pytest --benchmark-json files of
+the bench/ suites; a missing one is named in the report, with the command that measures it) and the `python -m
 fastdistil.evaluate` outputs given with --eval (those of `--distill`, one per seed, make the task-distillation
 section), writes the report and its plots (inference.png, export.png, train_step.png, train_step_gpt2.png,
-triple_loss.png, fused_linear.png, gpu_kernels.png, gpu_train_step.png, retention.png, task_distillation.png; none
-with --no-plots) next to it, and with --readme replaces what stands between the README's
+teacher_cache.png, triple_loss.png, fused_linear.png, gpu_kernels.png, gpu_train_step.png, retention.png,
+task_distillation.png; none with --no-plots) next to it, and with --readme replaces what stands between the README's
 `<!-- report:start -->` and `<!-- report:end -->` lines with the same report, its image links made relative to the
 README.
 
@@ -59,6 +59,8 @@ MEASURE = {
                   "bench/results/train_step.json",
     "train_step_gpt2": "python -m pytest bench/test_bench_train_step.py -k \"gpt2 and fp32\" --benchmark-json "
                        "bench/results/train_step_gpt2.json",
+    "teacher_cache": "python -m pytest bench/test_bench_teacher_cache.py --benchmark-json "
+                     "bench/results/teacher_cache.json",
     "triple_loss": "python -m pytest bench/test_bench_triple_loss.py --benchmark-json bench/results/triple_loss.json",
     "fused_linear": "python -m pytest bench/test_bench_fused_linear.py --benchmark-json "
                     "bench/results/fused_linear.json",
@@ -618,6 +620,64 @@ def plot_export(path: Path, latency: dict) -> None:
     save(fig, path)
 
 
+# Teacher cache ----------------------------------------------------------------------------------------------
+
+CACHE_AGREEMENT_POINTS = 1.0  # issue 18: the default k is the smallest within this of online agreement
+
+
+def teacher_cache_section(data: dict, results: list[dict], figure) -> list[str]:
+    """The default run online and from top-k caches: what a cache costs and what its truncation costs."""
+    online = next((r for r in results if r.get("case") == "online"), None)
+    cached = sorted((r for r in results if r.get("top_k")), key=lambda r: r["top_k"])
+    if not (online and cached):
+        return []
+    within = [r for r in cached if 100 * (online["agreement"] - r["agreement"]) <= CACHE_AGREEMENT_POINTS]
+    default = cached[0].get("default_top_k")
+    smallest = within[0]["top_k"] if within else None
+    verdict = (f"fastdistil.cache_teacher's default, k = {default}, is that k" if default == smallest else
+               f"fastdistil.cache_teacher's default is k = {default}, NOT that k")
+    headline = (f"**Held-out top-1 agreement with the teacher:** online {online['agreement']:.2%}; the smallest k "
+                f"within {CACHE_AGREEMENT_POINTS:g} point of it is k = {smallest} ({within[0]['agreement']:.2%}). "
+                if within else f"**No k measured comes within {CACHE_AGREEMENT_POINTS:g} point of online "
+                               f"agreement ({online['agreement']:.2%}).** ")
+    cols = ["run", "bytes / token", "cache on disk", "cache made in", "training tokens/s", "held-out agreement",
+            "vs online (points)", "student held-out MLM loss", f"{online['task']} student", "retention"]
+    rows = []
+    for r in [online, *cached]:
+        cache = r.get("top_k") is not None
+        rows.append([f"from a cache, k = {r['top_k']}" if cache else "online",
+                     f"{r['cache_bytes_per_token']:,.0f}" if cache else "–",
+                     fmt_mb(r["cache_bytes"]) if cache else "–",
+                     f"{r['cache_wall_s']:.0f} s" if cache else "–",
+                     f"{r['train_tokens_per_s']:,.0f}", f"{r['agreement']:.2%}",
+                     f"{100 * (r['agreement'] - online['agreement']):+.2f}" if cache else "–",
+                     f"{r['student_heldout_mlm_loss']:.3f}", f"{r['task_student']:.4f}", f"{r['retention']:.1%}"])
+    return ["## Teacher cache: the default run from top-k caches against online", "",
+            headline + verdict + ".", "", *table(cols, rows, left=1), "",
+            prose("teacher_cache", rows=online["heldout_masked_rows"], teacher_loss=online["teacher_heldout_mlm_loss"],
+                  task=online["task"], teacher_score=online["task_teacher"], tokens=cached[0]["cache_tokens"]),
+            *busy_note(results, data, "case"), "",
+            figure("teacher_cache", "agreement and cache size against k", plot_teacher_cache, online, cached)]
+
+
+def plot_teacher_cache(path: Path, online: dict, cached: list[dict]) -> None:
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ks = [r["top_k"] for r in cached]
+    left.plot(ks, [100 * r["agreement"] for r in cached], "o-", color="tab:purple", label="from the cache (bucket)")
+    left.axhline(100 * online["agreement"], color="tab:blue", linestyle="--", label="online")
+    left.axhspan(100 * online["agreement"] - CACHE_AGREEMENT_POINTS, 100 * online["agreement"], color="tab:blue",
+                 alpha=0.1, label=f"within {CACHE_AGREEMENT_POINTS:g} point")
+    left.set_xscale("log", base=2)
+    left.set_xticks(ks, [str(k) for k in ks])
+    left.set(xlabel="k", ylabel="held-out top-1 agreement (%)", title="agreement with the teacher")
+    left.legend(fontsize=8)
+    bars(right, [f"k = {k}" for k in ks], {"bytes per token": ([r["cache_bytes_per_token"] for r in cached],
+                                                                "tab:purple")},
+         "bytes per token", "cache size per token")
+    save(fig, path)
+
+
 # Downstream retention ---------------------------------------------------------------------------------------
 
 
@@ -917,7 +977,8 @@ def plot_gpu_kernels(path: Path, results: list[dict], suffix: str) -> None:
 # The report -------------------------------------------------------------------------------------------------
 
 SUITES = {"inference": inference_section, "export": export_section, "train_step": train_step_section,
-          "train_step_gpt2": functools.partial(train_step_section, model="gpt2"), "triple_loss": triple_loss_section,
+          "train_step_gpt2": functools.partial(train_step_section, model="gpt2"),
+          "teacher_cache": teacher_cache_section, "triple_loss": triple_loss_section,
           "fused_linear": fused_linear_section}
 
 

@@ -160,6 +160,7 @@ def results_dir(tmp_path) -> Path:
         shutil.copy(BENCH_DIR / "results" / name, out / name)
     bench_json(out / "inference.json", inference_results(teacher_s=2.0, student_s=1.2))
     bench_json(out / "export.json", export_results())
+    bench_json(out / "teacher_cache.json", teacher_cache_results({None: 0.40, 8: 0.385, 32: 0.392}))
     bench_json(out / "fused_linear.json", fused_linear_results())
     bench_json(out / "gpu.json", gpu_results(GPU))
     bench_json(out / "train_step_gpu.json", gpu_step_results(GPU))
@@ -178,7 +179,7 @@ def test_report_has_every_section_table_and_plot(results_dir, tmp_path):
     text = (results_dir / "REPORT.md").read_text()
 
     headings = ("## fastdistil beside the paper", "## Size and inference latency", "## Export:", "## Training step:",
-                "## Training step, GPT-2 → DistilGPT2", "## Triple loss", "## Vocabulary projection + triple loss",
+                "## Training step, GPT-2 → DistilGPT2", "## Teacher cache", "## Triple loss", "## Vocabulary projection + triple loss",
                 "## GPU: NVIDIA H100 80GB HBM3", "## Downstream retention", "## Task-specific distillation")
     assert [text.index(heading) for heading in headings] == sorted(text.index(heading) for heading in headings)
     assert "Not in this report" not in text
@@ -205,8 +206,8 @@ def test_report_has_every_section_table_and_plot(results_dir, tmp_path):
 
     links = image_links(text)
     assert sorted(links) == ["export.png", "fused_linear.png", "gpu_kernels.png", "gpu_train_step.png", "inference.png",
-                             "retention.png", "task_distillation.png", "train_step.png", "train_step_gpt2.png",
-                             "triple_loss.png"]
+                             "retention.png", "task_distillation.png", "teacher_cache.png", "train_step.png",
+                             "train_step_gpt2.png", "triple_loss.png"]
     for link in links:
         assert (results_dir / link).read_bytes().startswith(PNG_MAGIC)
 
@@ -270,6 +271,37 @@ def test_task_distillation_section(tmp_path):
     assert retention.count("| run | wiki-topic |") == 1
     assert ("95.0% (run, wiki-topic); 96.5% ± 1.5% fine-tuned alone, 97.2% ± 2.0% with task distillation (3 seeds, "
             "wiki-topic)") in text
+
+
+def teacher_cache_results(agreements: dict, default_top_k: int = 32) -> list[tuple[float, dict]]:
+    """test_bench_teacher_cache's results: the online run and caches of the given {k: agreement}."""
+    online = agreements.pop(None)
+    return [(60.0, dict(case="online" if k is None else f"k{k}", top_k=k, default_top_k=default_top_k,
+                        cache_bytes_per_token=None if k is None else 4 * k + 264,
+                        cache_bytes=None if k is None else 1e6 * (4 * k + 264), cache_tokens=1_000_000,
+                        cache_wall_s=None if k is None else 250.0, train_tokens_per_s=3000.0 + (k or 0), steps=200,
+                        teacher_heldout_mlm_loss=7.067, student_heldout_mlm_loss=7.5 + 0.001 * (k or 0),
+                        agreement=a, heldout_masked_rows=3150, task="wiki-topic", task_teacher=0.8, task_student=0.76,
+                        task_random_student=0.7, retention=0.95, other_cpu_fraction=0.0))
+            for k, a in [(None, online), *sorted(agreements.items())]]
+
+
+def test_teacher_cache_section(tmp_path):
+    """Online against each k: bytes, agreement in points of online's, the smallest k within 1 point named, and
+    whether the command's default is that k."""
+    bench_json(tmp_path / "teacher_cache.json", teacher_cache_results({None: 0.40, 8: 0.385, 32: 0.392, 128: 0.399}))
+    report.main(["--results-dir", str(tmp_path), "--no-plots"])
+    text = (tmp_path / "REPORT.md").read_text()
+    assert ("online 40.00%; the smallest k within 1 point of it is k = 32 (39.20%). fastdistil.cache_teacher's "
+            "default, k = 32, is that k.") in text
+    assert "| from a cache, k = 8 | 296 | 296 MB | 250 s | 3,008 | 38.50% | -1.50 | 7.508 | 0.7600 | 95.0% |" in text
+    assert "| online | – | – | – | 3,000 | 40.00% | – | 7.500 | 0.7600 | 95.0% |" in text
+
+    bench_json(tmp_path / "teacher_cache.json", teacher_cache_results({None: 0.40, 8: 0.38, 32: 0.385}, 8))
+    report.main(["--results-dir", str(tmp_path), "--no-plots"])
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "No k measured comes within 1 point of online agreement (40.00%)." in text
+    assert "fastdistil.cache_teacher's default is k = 8, NOT that k" in text
 
 
 def step_results(model: str | None, seconds: dict[str, float], peaks: dict[str, float]) -> list[tuple[float, dict]]:
