@@ -179,7 +179,8 @@ def test_report_has_every_section_table_and_plot(results_dir, tmp_path):
     text = (results_dir / "REPORT.md").read_text()
 
     headings = ("## fastdistil beside the paper", "## Size and inference latency", "## Export:", "## Training step:",
-                "## Training step, GPT-2 → DistilGPT2", "## Teacher cache", "## Triple loss", "## Vocabulary projection + triple loss",
+                "## Training step, GPT-2 → DistilGPT2", "## Teacher cache", "## Triple loss",
+                "## Vocabulary projection + triple loss",
                 "## GPU: NVIDIA H100 80GB HBM3", "## Downstream retention", "## Task-specific distillation")
     assert [text.index(heading) for heading in headings] == sorted(text.index(heading) for heading in headings)
     assert "Not in this report" not in text
